@@ -1,0 +1,34 @@
+"""Text corpora: the demo corpus that ships with every Python, and text files from a directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydoc_data.topics
+
+HELD_OUT_FRACTION = 0.05
+
+
+def demo_corpus() -> list[str]:
+    """The Python documentation topics (``pydoc_data.topics``, ~460 KB), one document per topic, in a fixed order."""
+    topics = pydoc_data.topics.topics
+    return [topics[name] for name in sorted(topics)]
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Every ``*.txt`` file under ``path`` (or the one file ``path``), sorted by name; empty files are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus not found: {path}")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
+    documents = [text for text in (p.read_text(encoding="utf-8", errors="replace") for p in files) if text.strip()]
+    if not documents:
+        raise ValueError(f"corpus is empty: no non-empty *.txt file under {path}")
+    return documents
+
+
+def split_documents(documents: list[str], held_out_fraction: float = HELD_OUT_FRACTION) -> tuple[str, str]:
+    """Split the concatenated corpus into (train, held-out) text by characters, held-out at the end."""
+    text = "\n\n".join(documents)
+    cut = int(len(text) * (1.0 - held_out_fraction))
+    return text[:cut], text[cut:]

@@ -1,0 +1,65 @@
+"""The demo model: a small GPT-2 trained by this project on the Python documentation, built once and cached.
+
+``python -m pipelines demo-model`` (and ``make serve``) builds it; the predictor falls back to it when
+``--model_dir`` does not exist. Tests build the much smaller ``TINY`` variant the same way, in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from filelock import FileLock
+
+from .corpus import demo_corpus, split_documents
+from .train import TrainConfig, train_from_scratch
+
+# ~2.5 minutes on 2 CPU cores; see the README for its held-out perplexity.
+DEMO = TrainConfig(vocab_size=2048, n_layer=4, n_embd=192, n_head=6, n_positions=256, seq_len=128, batch_size=16, steps=420)
+# A few seconds: for tests only. Its text is not meant to read well.
+TINY = TrainConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, n_positions=128, seq_len=64, batch_size=8, steps=60, lr=1e-2, warmup_steps=5)
+
+
+def cache_root() -> Path:
+    """``$KSERVE_LLM_CACHE`` or ``~/.cache/kserve-llm``."""
+    return Path(os.environ.get("KSERVE_LLM_CACHE", Path.home() / ".cache" / "kserve-llm"))
+
+
+def model_path(config: TrainConfig = DEMO, root: Path | None = None) -> Path:
+    """Where the model for ``config`` is cached: the directory name carries a hash of the config."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    name = "demo-model" if config == DEMO else "model"
+    return (root or cache_root()) / f"{name}-{digest}"
+
+
+def is_built(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def ensure_demo_model(config: TrainConfig = DEMO, root: Path | None = None, progress: bool = True) -> Path:
+    """Return the cached model directory for ``config``, building it first if missing.
+
+    The build writes into a temporary directory that is renamed into place at the end, under a file lock,
+    so a killed build leaves nothing half-written and two processes never build at once.
+    """
+    path = model_path(config, root)
+    if is_built(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if is_built(path):
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+        try:
+            train_text, held_out_text = split_documents(demo_corpus())
+            train_from_scratch(train_text, held_out_text, config, tmp, progress=progress)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

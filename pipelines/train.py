@@ -1,0 +1,193 @@
+"""Train a byte-level BPE tokenizer and a GPT-2-architecture causal LM from scratch, or fine-tune one.
+
+The demo model and the pipeline's train step both come from here. Training is deterministic for a given
+seed and thread count; checkpoints are written atomically so a killed run resumes where it left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+@dataclass
+class TrainConfig:
+    """Shape of the model and of the training run. ``max_seconds`` caps wall time (0: no cap)."""
+
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 256
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    seed: int = 0
+    max_seconds: float = 0.0
+    eval_every: int = 100
+    checkpoint_every: int = 0
+
+
+def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on ``text``, with ``<|endoftext|>`` as BOS/EOS."""
+    bpe = ByteLevelBPETokenizer()
+    chunks = [text[i : i + 10_000] for i in range(0, len(text), 10_000)]
+    bpe.train_from_iterator(chunks, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        model_max_length=1 << 30,
+    )
+
+
+def tokenize(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one long int64 tensor (no special tokens)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def batches(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A (batch_size, seq_len + 1) batch of random windows of ``ids``."""
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def held_out_loss(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    """Mean next-token cross-entropy over consecutive non-overlapping windows of ``ids``."""
+    model.eval()
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    if n == 0:
+        return float("nan")
+    x = ids[: n * seq_len + 1]
+    inputs = x[:-1].view(n, seq_len)
+    targets = x[1:].view(n, seq_len)
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    model.train()
+    return loss.item()
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _save_checkpoint(model, optimizer, step: int, losses: list, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses}, tmp)
+    tmp.replace(path)
+
+
+def train_lm(
+    model: GPT2LMHeadModel,
+    train_ids: torch.Tensor,
+    held_out_ids: torch.Tensor,
+    config: TrainConfig,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place with AdamW and a cosine schedule; returns the loss curve and held-out loss.
+
+    With ``checkpoint`` set, state is saved every ``config.checkpoint_every`` steps and a run resumes from it.
+    """
+    if len(train_ids) <= config.seq_len + 1:
+        raise ValueError(f"training text has {len(train_ids)} tokens; need more than seq_len + 1 = {config.seq_len + 1}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    start_step, losses = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, losses = state["step"], state["losses"]
+        for _ in range(start_step):  # replay the batch sampler so a resumed run sees the same batches
+            batches(train_ids, config.seq_len, config.batch_size, generator)
+    model.train()
+    started = time.monotonic()
+    bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress, initial=start_step, total=config.steps)
+    step = start_step
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        batch = batches(train_ids, config.seq_len, config.batch_size, generator)
+        loss = _loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(round(loss.item(), 4))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            _save_checkpoint(model, optimizer, step + 1, losses, checkpoint)
+        if config.max_seconds and time.monotonic() - started > config.max_seconds:
+            break
+    bar.close()
+    model.eval()
+    result = {"steps": len(losses), "train_loss": losses, "held_out_loss": held_out_loss(model, held_out_ids, config.seq_len)}
+    result["held_out_perplexity"] = math.exp(result["held_out_loss"])
+    return result
+
+
+def _loss(model: GPT2LMHeadModel, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def new_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 of the configured shape (seeded)."""
+    torch.manual_seed(config.seed)
+    gpt2 = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(gpt2)
+
+
+def train_from_scratch(train_text: str, held_out_text: str, config: TrainConfig, output_dir: Path, progress: bool = True) -> dict:
+    """Tokenizer + model trained from scratch, saved as a Hugging Face directory (safetensors) with ``training.json``."""
+    output_dir = Path(output_dir)
+    tokenizer = train_tokenizer(train_text, config.vocab_size)
+    model = new_model(config, tokenizer)
+    eos = torch.tensor([tokenizer.eos_token_id])
+    train_ids = tokenize(tokenizer, train_text)
+    held_out_ids = tokenize(tokenizer, held_out_text)
+    result = train_lm(model, torch.cat([train_ids, eos]), held_out_ids, config, progress=progress)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    report = {"config": asdict(config), "parameters": sum(p.numel() for p in model.parameters()), **result}
+    (output_dir / "training.json").write_text(json.dumps(report, indent=2))
+    return report

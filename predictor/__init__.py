@@ -1,0 +1,1 @@
+"""kserve-llm's predictor: a KServe custom predictor for causal LMs."""

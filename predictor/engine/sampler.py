@@ -1,0 +1,90 @@
+"""Choose the next token for every row of a batch, each row with its own ``SamplingParams``.
+
+The one sampling implementation of the predictor. Order, as in vLLM: penalties and logit bias on the raw
+logits, then EOS masking for ``min_tokens``, then temperature, top-k, top-p, min-p, and a draw from each
+row's own ``torch.Generator`` (so a seeded request is reproducible whatever else shares the batch).
+Log-probabilities are reported from the model's raw distribution (before penalties and temperature).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import SamplingParams, TokenLogprob
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> torch.Tensor:
+    """Repetition (over prompt and output), presence and frequency (over output) penalties, and logit bias.
+
+    logits: (V,) float32, modified in place and returned.
+    """
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        if len(seen):
+            picked = logits[seen]
+            logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    for token_id, bias in params.logit_bias.items():
+        logits[token_id] += bias
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p on one row; removed entries become ``-inf``. logits: (V,)."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    eos_token_id: int | None,
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Next token for each row. logits: (B, V) as produced by the model for the last position of each row."""
+    logits = logits.float()
+    raw_logprobs = None
+    if any(p.logprobs is not None for p in params):
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob | None] = []
+    for row, p in enumerate(params):
+        row_logits = apply_penalties(logits[row].clone(), p, prompt_ids[row], output_ids[row])
+        if eos_token_id is not None and (p.ignore_eos or len(output_ids[row]) < p.min_tokens):
+            row_logits[eos_token_id] = float("-inf")
+        if p.greedy:
+            token = int(torch.argmax(row_logits))
+        else:
+            probs = filter_logits(row_logits, p).softmax(-1)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, using only this row's generator.
+            noise = torch.empty_like(probs).exponential_(generator=generators[row])
+            token = int(torch.argmax(probs / noise))
+        tokens.append(token)
+        logprobs.append(None if p.logprobs is None else token_logprob(raw_logprobs[row], token, p.logprobs))
+    return tokens, logprobs
+
+
+def token_logprob(row_logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """The chosen token's log-probability and the ``top_n`` most likely alternatives. row_logprobs: (V,)."""
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        values, ids = torch.topk(row_logprobs, top_n)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id=token, logprob=float(row_logprobs[token]), top=top)

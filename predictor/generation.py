@@ -1,0 +1,105 @@
+"""Between the protocol adapters and the engine: checked prompts in, finished or streamed completions out.
+
+Every protocol tokenizes and checks its prompts here, so the limits (context length, ``max_tokens``)
+and their error messages are the same on every route.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .engine import Engine
+from .loading import LoadedModel
+from .sampling import GenerationRequest, InvalidRequest, SamplingParams, StepOutput, TokenLogprob
+
+# max_tokens when a non-chat request gives none (the OpenAI completions default).
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class Completion:
+    """A finished sequence, accumulated from its ``StepOutput``s."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+
+    def add(self, out: StepOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.finish_reason = out.finish_reason or self.finish_reason
+        self.num_prompt_tokens = out.num_prompt_tokens
+
+
+class Generation:
+    """The model's tokenizer and limits plus its engine: what every protocol adapter calls."""
+
+    def __init__(self, loaded: LoadedModel, engine: Engine):
+        self.loaded = loaded
+        self.engine = engine
+
+    def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a text prompt, or a token-id prompt checked against the vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.loaded.vocab_size]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.loaded.vocab_size})", param=param)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param=param)
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render the chat template (the model's, or the documented fallback) and tokenize it."""
+        text = self.loaded.tokenizer.apply_chat_template(
+            messages, chat_template=self.loaded.chat_template, add_generation_prompt=True, tokenize=False
+        )
+        return self.encode(text, param="messages")
+
+    def max_tokens(self, prompt_ids: list[int], requested: int | None, default: int | None = DEFAULT_MAX_TOKENS) -> int:
+        """Check the prompt and ``max_tokens`` against ``--max_model_len``; ``None`` default means 'the rest'."""
+        limit = self.loaded.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens but this model's maximum context length is {limit} tokens "
+                "(prompt and generated tokens together); shorten the prompt",
+                param="prompt",
+            )
+        room = limit - len(prompt_ids)
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if requested > room:
+            raise InvalidRequest(
+                f"max_tokens is {requested} but the prompt has {len(prompt_ids)} tokens and this model's maximum "
+                f"context length is {limit} tokens, so at most {room} tokens can be generated",
+                param="max_tokens",
+            )
+        return requested
+
+    def request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False) -> GenerationRequest:
+        params.validate(self.loaded.vocab_size)
+        return GenerationRequest(uuid.uuid4().hex, prompt_ids, params, prompt_logprobs)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
+        return self.engine.generate(request)
+
+    async def complete(self, request: GenerationRequest) -> Completion:
+        completion = Completion(num_prompt_tokens=len(request.prompt_ids))
+        async for out in self.engine.generate(request):
+            completion.add(out)
+        return completion
+
+    def token_text(self, token_id: int) -> str:
+        return self.loaded.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)

@@ -1,0 +1,139 @@
+"""Load a causal LM and its tokenizer from a model directory: the one place models are loaded.
+
+Safetensors only by default: pickle weights (``pytorch_model.bin``) can execute code when loaded, so a
+directory that has only those is refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Used when the model directory has no chat template: one line per message, "Role: content", then the
+# assistant's turn. Documented in the README.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory cannot be served; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: weights on the device, tokenizer, and the limits the server enforces."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_id: int | None
+    chat_template: str
+    model_dir: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was given but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (half-precision matmuls are slow or unsupported there), bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def check_weights(model_dir: Path, allow_pickle: bool) -> None:
+    """Refuse a directory without weights, or with only pickle weights unless ``allow_pickle``."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    files = [p.name for p in model_dir.iterdir() if p.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+    if not pickles:
+        raise ModelLoadError(f"{model_dir} has no weights (*.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{model_dir} has only pickle weights ({', '.join(sorted(pickles))}); loading pickle can run arbitrary "
+            "code. Convert them to safetensors, or pass --allow_pickle_weights if you trust this directory."
+        )
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load weights and tokenizer from ``model_dir`` onto the device, in eval mode."""
+    model_dir = Path(model_dir)
+    check_weights(model_dir, allow_pickle)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle,
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot load the model in {model_dir}: {exc}") from exc
+    model.to(torch_device).eval()
+    limit = _context_length(model)
+    if max_model_len is None:
+        max_model_len = limit
+    elif max_model_len > limit:
+        raise ModelLoadError(f"--max_model_len {max_model_len} exceeds the model's context length ({limit})")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0]
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=torch_device,
+        dtype=torch_dtype,
+        max_model_len=max_model_len,
+        eos_token_id=eos,
+        chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+        model_dir=model_dir,
+    )
+
+
+def _context_length(model: PreTrainedModel) -> int:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelLoadError("the model config states no context length; pass --max_model_len")

@@ -1,0 +1,92 @@
+"""The ``kserve.Model`` for a causal LM: loads it, warms it up, and answers KServe's V1 and V2 protocols.
+
+The OpenAI and generate routes are added to KServe's FastAPI app by ``predictor.server``; all protocols
+share this model's ``Generation`` (tokenizer, limits, engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import kserve
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from .engine import Engine
+from .generation import Generation
+from .loading import load_model
+from .protocols import v1, v2
+from .sampling import GenerationRequest, InvalidRequest, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMModel(kserve.Model):
+    """A Hugging Face causal LM behind the predictor's engine."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: str | Path,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle_weights: bool = False,
+    ):
+        super().__init__(name)
+        self.model_dir = Path(model_dir)
+        self.options = dict(dtype=dtype, device=device, max_model_len=max_model_len, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
+        self.generation: Generation | None = None
+        self._engine: Engine | None = None  # not kserve's ``engine`` flag: ours is started by load()
+
+    def load(self) -> bool:
+        """Load weights, start the engine thread and run one warm-up generation; only then ready."""
+        loaded = load_model(self.model_dir, **self.options)
+        logger.info("loaded %s (%s, %s, max_model_len=%d)", self.model_dir, loaded.device, loaded.dtype, loaded.max_model_len)
+        engine = Engine(loaded)
+        engine.start()
+        self.generation = Generation(loaded, engine)
+        self._warm_up(engine, loaded.eos_token_id or 0)
+        self._engine = engine
+        self.ready = True
+        return self.ready
+
+    @staticmethod
+    def _warm_up(engine: Engine, token_id: int) -> None:
+        async def run() -> None:
+            request = GenerationRequest("warm-up", [token_id], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            async for _ in engine.generate(request):
+                pass
+
+        loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the main thread's loop KServe uses
+        try:
+            loop.run_until_complete(run())
+        finally:
+            loop.close()
+
+    def start(self) -> None:
+        """KServe calls this after registering; readiness stays what ``load`` made it."""
+
+    def stop(self) -> None:
+        self.ready = False
+        if self._engine is not None:
+            self._engine.stop()
+
+    def get_input_types(self) -> list[dict]:
+        return v2.INPUT_TYPES
+
+    def get_output_types(self) -> list[dict]:
+        return v2.OUTPUT_TYPES
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict | InferResponse:
+        """V2 ``InferRequest`` (REST or gRPC) or a V1 ``{"instances": ...}`` body."""
+        try:
+            if isinstance(payload, InferRequest):
+                return await v2.infer(self.generation, self.name, payload)
+            return await v1.predict(self.generation, payload)
+        except InvalidRequest as exc:
+            raise InvalidInput(exc.message) from None

@@ -1,0 +1,1 @@
+"""Protocol adapters: one module per wire protocol, each turning its requests into engine requests."""

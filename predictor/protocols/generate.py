@@ -1,0 +1,69 @@
+"""The V2 generate extension used by Triton-style clients: ``/v2/models/{name}/generate`` and ``generate_stream``.
+
+Sampling parameters go in ``parameters`` (or, as Triton allows, next to ``text_input``). The stream is
+server-sent events, one JSON object per text delta; the last carries ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from ..generation import Generation
+from ..sampling import GenerationRequest, InvalidRequest
+from .schema import GenerateRequest, SamplingFields, validation_error
+
+
+class GenerateRoutes:
+    def __init__(self, model_name: str, generation: Generation):
+        self.model_name = model_name
+        self.gen = generation
+
+    def _request(self, model_name: str, raw: bytes) -> GenerationRequest:
+        if model_name != self.model_name:
+            raise InvalidRequest(f"model {model_name} is not found", status=404)
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        # Triton's generate puts parameters beside text_input; fold them into "parameters".
+        top_level = {k: data.pop(k) for k in list(data) if k in SamplingFields.model_fields}
+        if top_level:
+            data["parameters"] = {**top_level, **(data.get("parameters") or {})}
+        try:
+            body = GenerateRequest.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        ids = self.gen.encode(body.text_input, param="text_input")
+        max_tokens = self.gen.max_tokens(ids, body.parameters.max_tokens)
+        return self.gen.request(ids, body.parameters.sampling_params(max_tokens))
+
+    async def generate(self, model_name: str, request: Request) -> dict:
+        done = await self.gen.complete(self._request(model_name, await request.body()))
+        return {"model_name": self.model_name, "model_version": None, "text_output": done.text, "finish_reason": done.finish_reason,
+                "usage": {"prompt_tokens": done.num_prompt_tokens, "completion_tokens": len(done.token_ids)}}
+
+    async def generate_stream(self, model_name: str, request: Request) -> StreamingResponse:
+        req = self._request(model_name, await request.body())
+
+        async def events() -> AsyncIterator[str]:
+            async for out in self.gen.stream(req):
+                event = {"model_name": self.model_name, "model_version": None, "text_output": out.text}
+                if out.finish_reason is not None:
+                    event["finish_reason"] = out.finish_reason
+                yield f"data: {json.dumps(event)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def register(app: FastAPI, routes: GenerateRoutes) -> None:
+    router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2 generate"])
+    router.add_api_route("/generate", routes.generate, methods=["POST"])
+    router.add_api_route("/generate_stream", routes.generate_stream, methods=["POST"], response_model=None)
+    app.include_router(router)

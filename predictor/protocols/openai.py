@@ -1,0 +1,253 @@
+"""OpenAI-compatible routes: completions, chat completions and the model list, under /openai/v1 and /v1.
+
+Streaming is server-sent events ending with ``data: [DONE]``. A parameter the server cannot honour is
+rejected with a 400 that names it; errors use the OpenAI error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..generation import Completion, Generation
+from ..sampling import GenerationRequest, InvalidRequest, StepOutput, TokenLogprob
+from .schema import ChatCompletionRequest, CompletionRequest, parse
+
+PREFIXES = ("/openai/v1", "/v1")
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+    body = {"error": {"message": message, "type": kind.get(status, "invalid_request_error" if status < 500 else "server_error"), "param": param, "code": code}}
+    return JSONResponse(status_code=status, content=body)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class OpenAIRoutes:
+    """Handlers bound to one served model."""
+
+    def __init__(self, model_name: str, generation: Generation, created: int | None = None):
+        self.model_name = model_name
+        self.gen = generation
+        self.created = created or int(time.time())
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise InvalidRequest(f"the model '{name}' does not exist; this server serves '{self.model_name}'", param="model", status=404, code="model_not_found")
+
+    async def models(self) -> dict:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm",
+                "max_model_len": self.gen.loaded.max_model_len}
+        # "models" keeps KServe V1's GET /v1/models answer, which shares this path, for V1 clients.
+        return {"object": "list", "data": [card], "models": [self.model_name]}
+
+    # ---- completions -------------------------------------------------------------------------------
+
+    async def completions(self, request: Request):
+        body = parse(CompletionRequest, await request.body())
+        self._check_model(body.model)
+        if body.suffix:
+            raise InvalidRequest("suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise InvalidRequest("best_of other than n is not supported", param="best_of")
+        if body.stream_options is not None and not body.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        prompts = _prompt_list(body.prompt)
+        jobs: list[tuple[int, GenerationRequest]] = []
+        prompt_token_total = 0
+        for i, prompt in enumerate(prompts):
+            ids = self.gen.encode(prompt)
+            prompt_token_total += len(ids)
+            max_tokens = self.gen.max_tokens(ids, body.max_tokens)
+            for j in range(body.n):
+                params = body.sampling_params(max_tokens, body.logprobs, body.logit_bias)
+                if params.seed is not None:
+                    params.seed += j
+                jobs.append((i * body.n + j, self.gen.request(ids, params, prompt_logprobs=body.echo and body.logprobs is not None)))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _event_stream(self._completion_events(rid, body, jobs, prompt_token_total, include_usage))
+        results = await asyncio.gather(*(self.gen.complete(req) for _, req in jobs))
+        choices = []
+        for (index, req), done in zip(jobs, results):
+            text = done.text
+            logprobs = None
+            if body.echo:
+                text = self.gen.loaded.tokenizer.decode(req.prompt_ids, clean_up_tokenization_spaces=False) + text
+            if body.logprobs is not None:
+                logprobs = self._completion_logprobs((done.prompt_logprobs or []) + done.logprobs, req.prompt_ids)
+            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason})
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": _usage(prompt_token_total, results)}
+
+    async def _completion_events(self, rid, body, jobs, prompt_tokens, include_usage) -> AsyncIterator[str]:
+        created = int(time.time())
+        generated = 0
+        started: set[int] = set()
+        async for index, req, out in _merge(self.gen, jobs):
+            text = out.text
+            if body.echo and index not in started:
+                text = self.gen.loaded.tokenizer.decode(req.prompt_ids, clean_up_tokenization_spaces=False) + text
+            started.add(index)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = self._completion_logprobs((out.prompt_logprobs or []) + (out.logprobs or []), req.prompt_ids)
+            generated += len(out.token_ids)
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [choice]})
+        if include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [], "usage": usage})
+        yield sse("[DONE]")
+
+    def _completion_logprobs(self, entries: list[TokenLogprob | None], prompt_ids: list[int]) -> dict:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        offset = 0
+        for entry in entries:
+            token_id = prompt_ids[0] if entry is None else entry.token_id
+            text = self.gen.token_text(token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            token_logprobs.append(None if entry is None else entry.logprob)
+            top.append(None if entry is None else {self.gen.token_text(t): lp for t, lp in entry.top})
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    # ---- chat completions --------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request):
+        body = parse(ChatCompletionRequest, await request.body())
+        self._check_model(body.model)
+        if body.tools:
+            raise InvalidRequest("tools are not supported by this server", param="tools")
+        if body.tool_choice not in (None, "none"):
+            raise InvalidRequest("tool_choice is not supported by this server", param="tool_choice")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise InvalidRequest(f"response_format type '{body.response_format.type}' is not supported; only 'text'", param="response_format")
+        if body.stream_options is not None and not body.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+            raise InvalidRequest("give max_completion_tokens or max_tokens, not two different values", param="max_completion_tokens")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        ids = self.gen.chat_prompt(messages)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = self.gen.max_tokens(ids, requested, default=None)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = []
+        for j in range(body.n):
+            params = body.sampling_params(max_tokens, logprobs, body.logit_bias)
+            if params.seed is not None:
+                params.seed += j
+            jobs.append((j, self.gen.request(ids, params)))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _event_stream(self._chat_events(rid, jobs, len(ids), include_usage))
+        results = await asyncio.gather(*(self.gen.complete(req) for _, req in jobs))
+        choices = [
+            {"index": index, "message": {"role": "assistant", "content": done.text},
+             "logprobs": {"content": self._chat_logprobs(done.logprobs)} if body.logprobs else None,
+             "finish_reason": done.finish_reason}
+            for (index, _), done in zip(jobs, results)
+        ]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": _usage(len(ids), results)}
+
+    async def _chat_events(self, rid, jobs, prompt_tokens, include_usage) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list, **extra: Any) -> str:
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name, "choices": choices, **extra})
+
+        for index, _ in jobs:
+            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        generated = 0
+        async for index, req, out in _merge(self.gen, jobs):
+            generated += len(out.token_ids)
+            delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+            logprobs = {"content": self._chat_logprobs(out.logprobs)} if req.params.logprobs is not None else None
+            yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}])
+        if include_usage:
+            yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated})
+        yield sse("[DONE]")
+
+    def _chat_logprobs(self, entries: list[TokenLogprob] | None) -> list[dict]:
+        def item(token_id: int, logprob: float) -> dict:
+            text = self.gen.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries or []]
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """The completions API's four prompt shapes as a list of prompts (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def _usage(prompt_tokens: int, results: list[Completion]) -> dict:
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _merge(gen: Generation, jobs: list[tuple[int, GenerationRequest]]) -> AsyncIterator[tuple[int, GenerationRequest, StepOutput]]:
+    """Interleave the output streams of several requests as they arrive; closing this cancels them all."""
+    if len(jobs) == 1:
+        index, req = jobs[0]
+        async for out in gen.stream(req):
+            yield index, req, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, req: GenerationRequest) -> None:
+        try:
+            async for out in gen.stream(req):
+                await queue.put((index, req, out))
+        except Exception as exc:  # surfaced to the consumer below
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(index, req)) for index, req in jobs]
+    try:
+        remaining = len(jobs)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item[2].finish_reason is not None:
+                remaining -= 1
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def register(app: FastAPI, routes: OpenAIRoutes) -> None:
+    """Add the OpenAI routes under both prefixes (before KServe's own, so /v1/models answers OpenAI-style)."""
+    for prefix in PREFIXES:
+        router = APIRouter(prefix=prefix, tags=["OpenAI"])
+        router.add_api_route("/models", routes.models, methods=["GET"])
+        router.add_api_route("/completions", routes.completions, methods=["POST"], response_model=None)
+        router.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"], response_model=None)
+        app.include_router(router)
