@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pydoc_data.topics
+from pathlib import Path
 
 HELD_OUT_FRACTION = 0.05
 

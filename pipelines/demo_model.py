@@ -22,7 +22,7 @@ from .train import TrainConfig, train_from_scratch
 # ~2.5 minutes on 2 CPU cores; see the README for its held-out perplexity.
 DEMO = TrainConfig(vocab_size=2048, n_layer=4, n_embd=192, n_head=6, n_positions=256, seq_len=128, batch_size=16, steps=420)
 # A few seconds: for tests only. Its text is not meant to read well.
-TINY = TrainConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, n_positions=128, seq_len=64, batch_size=8, steps=60, lr=1e-2, warmup_steps=5)
+TINY = TrainConfig(vocab_size=512, n_layer=2, n_embd=96, n_head=4, n_positions=128, seq_len=64, batch_size=8, steps=200, lr=5e-3, warmup_steps=10)
 
 
 def cache_root() -> Path:

@@ -26,12 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m predictor", parents=[kserve_parser], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve a Hugging Face causal LM through KServe (OpenAI, Open Inference Protocol V2, KServe V1).",
     )
-    parser.add_argument("--model_dir", default=DEFAULT_MODEL_DIR, help="Hugging Face model directory (KServe's storage initializer puts the model in /mnt/models). When it does not exist and was not given, the demo model is served.")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA.")
+    parser.add_argument(
+        "--model_dir",
+        default=DEFAULT_MODEL_DIR,
+        help="Hugging Face model directory (KServe's storage initializer puts the model in /mnt/models). "
+        "When it does not exist and was not given, the demo model is served.",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA."
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available.")
     parser.add_argument("--max_model_len", type=int, default=None, help="Longest prompt + generation in tokens (default: the model's context length).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the model directory (off by default).")
-    parser.add_argument("--allow_pickle_weights", action="store_true", help="Load pickle weights (*.bin) when a directory has no safetensors. Pickle can run code: only for directories you trust.")
+    parser.add_argument(
+        "--allow_pickle_weights",
+        action="store_true",
+        help="Load pickle weights (*.bin) when a directory has no safetensors. Pickle can run code: only for directories you trust.",
+    )
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="Largest accepted HTTP request body; larger ones get 413.")
     return parser
 

@@ -43,7 +43,8 @@ class OpenAIRoutes:
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise InvalidRequest(f"the model '{name}' does not exist; this server serves '{self.model_name}'", param="model", status=404, code="model_not_found")
+            message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
+            raise InvalidRequest(message, param="model", status=404, code="model_not_found")
 
     async def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm",

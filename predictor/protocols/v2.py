@@ -51,9 +51,11 @@ async def infer(gen: Generation, model_name: str, request: InferRequest) -> Infe
     if tensor.datatype != "BYTES":
         raise InvalidRequest(f"'{INPUT_NAME}' must be BYTES, got {tensor.datatype}", param=INPUT_NAME)
     try:
-        prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in _flatten(tensor.data)]
+        prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in tensor.as_numpy().reshape(-1).tolist()]
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"'{INPUT_NAME}' is not valid UTF-8: {exc}", param=INPUT_NAME) from None
+    except ValueError as exc:  # shape and data disagree
+        raise InvalidRequest(f"'{INPUT_NAME}': {exc}", param=INPUT_NAME) from None
     if not prompts:
         raise InvalidRequest(f"'{INPUT_NAME}' has no elements", param=INPUT_NAME)
     fields = sampling_fields(request.parameters)
@@ -64,9 +66,3 @@ async def infer(gen: Generation, model_name: str, request: InferRequest) -> Infe
     results = await asyncio.gather(*(gen.complete(r) for r in requests))
     output = InferOutput(name=OUTPUT_NAME, shape=[len(results)], datatype="BYTES", data=[r.text for r in results])
     return InferResponse(model_name=model_name, infer_outputs=[output], response_id=request.id or uuid.uuid4().hex)
-
-
-def _flatten(data: Any) -> list:
-    if isinstance(data, (list, tuple)):
-        return [x for item in data for x in _flatten(item)]
-    return [data]

@@ -1,0 +1,39 @@
+# kserve-llm: `make serve` and `make test` are the whole set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HTTP_PORT ?= 8080
+GRPC_PORT ?= 8081
+MODEL_NAME ?= demo
+# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install serve test demo-model lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo-model: install
+	$(PY) -m pipelines demo-model
+
+serve: demo-model
+	@$(PY) -m predictor.examples --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT) --model_name $(MODEL_NAME)
+	$(PY) -m predictor --model_name $(MODEL_NAME) --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check predictor pipelines tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,114 @@
+"""The engine's parts on their own: detokenizer, sampler, loading, and the project's training code."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from transformers import AutoTokenizer
+
+from pipelines.corpus import demo_corpus, split_documents
+from pipelines.train import TrainConfig, train_from_scratch
+from predictor.engine.detokenizer import Detokenizer
+from predictor.engine.sampler import filter_logits, sample
+from predictor.loading import ModelLoadError, load_model
+from predictor.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def stream_text(tokenizer, ids: list[int], stop: list[str] | None = None) -> tuple[list[str], Detokenizer]:
+    detok = Detokenizer(tokenizer, [], stop or [])
+    deltas = []
+    for token in ids:
+        deltas.append(detok.add(token))
+        if detok.stopped:
+            break
+    deltas.append(detok.flush())
+    return deltas, detok
+
+
+@pytest.mark.parametrize("text", ["héllo wörld ✓ 日本語 🙂🙂 done", "plain ascii text", "ß" * 7 + " € ∑ 🚀"])
+def test_detokenizer_never_splits_multibyte_characters(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split()), "byte-level BPE should split these characters over several tokens"
+    deltas, _ = stream_text(tokenizer, ids)
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_detokenizer_holds_back_and_trims_stop_strings(tokenizer):
+    text = "alpha beta gamma delta"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    deltas, detok = stream_text(tokenizer, ids, stop=["gamma"])
+    assert "".join(deltas) == "alpha beta "
+    assert detok.stopped
+    deltas, detok = stream_text(tokenizer, ids, stop=["gamut"])  # a prefix that never completes is released at the end
+    assert "".join(deltas) == text and not detok.stopped
+
+
+def test_sampler_seeded_rows_do_not_depend_on_batch_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_p=0.9)]
+
+    def run(rows: list[int]) -> list[int]:
+        gens = [torch.Generator().manual_seed(params[r].seed or 1) for r in rows]
+        tokens, _ = sample(logits[rows], [params[r] for r in rows], gens, [[] for _ in rows], [[] for _ in rows], eos_token_id=None)
+        return tokens
+
+    alone = run([0])
+    assert run([0, 1, 2])[0] == alone[0]
+    assert run([1])[0] == int(logits[1].argmax())
+
+
+def test_filter_logits_top_k_top_p_min_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(filter_logits(logits, SamplingParams(top_k=2))).tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.7))).tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_logits(logits, SamplingParams(min_p=0.2))).tolist() == [True, True, True, False]
+
+
+def test_pickle_only_directory_is_refused(tiny_model_dir, tmp_path):
+    target = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, target)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target)
+    (target / "model.safetensors").unlink()
+    torch.save(model.state_dict(), target / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only pickle weights.*--allow_pickle_weights"):
+        load_model(target)
+    loaded = load_model(target, allow_pickle=True)
+    assert loaded.max_model_len == 128
+
+
+def test_cli_reports_a_missing_model_directory(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "predictor", "--model_dir", str(tmp_path / "nope"), "--http_port", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_cli_refuses_several_workers(tiny_model_dir):
+    result = subprocess.run([sys.executable, "-m", "predictor", "--model_dir", str(tiny_model_dir), "--workers", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--workers must be 1" in result.stderr
+
+
+def test_training_is_deterministic(tmp_path: Path):
+    train, held_out = split_documents(demo_corpus()[:8])
+    config = TrainConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=64, seq_len=32, batch_size=4, steps=8)
+    a = train_from_scratch(train, held_out, config, tmp_path / "a", progress=False)
+    b = train_from_scratch(train, held_out, config, tmp_path / "b", progress=False)
+    assert a["train_loss"] == b["train_loss"]
+    assert a["train_loss"][-1] < a["train_loss"][0]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
