@@ -61,9 +61,7 @@ class Generation:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Render the chat template (the model's, or the documented fallback) and tokenize it."""
-        text = self.loaded.tokenizer.apply_chat_template(
-            messages, chat_template=self.loaded.chat_template, add_generation_prompt=True, tokenize=False
-        )
+        text = self.loaded.tokenizer.apply_chat_template(messages, chat_template=self.loaded.chat_template, add_generation_prompt=True, tokenize=False)
         return self.encode(text, param="messages")
 
     def max_tokens(self, prompt_ids: list[int], requested: int | None, default: int | None = DEFAULT_MAX_TOKENS) -> int:

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kserve.model_server import parser as kserve_parser
 
     parser = argparse.ArgumentParser(
-        prog="python -m predictor", parents=[kserve_parser], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m predictor",
+        parents=[kserve_parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve a Hugging Face causal LM through KServe (OpenAI, Open Inference Protocol V2, KServe V1).",
     )
     parser.add_argument(
@@ -33,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "When it does not exist and was not given, the demo model is served.",
     )
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA."
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA.",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available.")
     parser.add_argument("--max_model_len", type=int, default=None, help="Longest prompt + generation in tokens (default: the model's context length).")
@@ -93,6 +98,4 @@ def main(argv: list[str] | None = None) -> None:
     install_error_handlers(app, args.max_body_bytes)
     openai.register(app, openai.OpenAIRoutes(args.model_name, model.generation))
     generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
-    kserve.ModelServer(
-        http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, enable_grpc=args.enable_grpc
-    ).start([model])
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, enable_grpc=args.enable_grpc).start([model])

@@ -51,8 +51,20 @@ def start_server(model_dir: Path, tmp: Path, *extra: str, name: str = MODEL_NAME
     """Run ``python -m predictor`` as a real process and wait until /v2/health/ready says ready."""
     http_port, grpc_port = free_port(), free_port()
     log = tmp / f"server-{http_port}.log"
-    cmd = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", name,
-           "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "predictor",
+        "--model_dir",
+        str(model_dir),
+        "--model_name",
+        name,
+        "--http_port",
+        str(http_port),
+        "--grpc_port",
+        str(grpc_port),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     server = Server(process, http_port, grpc_port, log)

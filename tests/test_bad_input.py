@@ -47,7 +47,12 @@ CASES = [
     (f"/v2/models/{M}/infer", b"{", 400, ""),
     (f"/v2/models/{M}/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [""]}]}, 400, "empty"),
     (f"/v2/models/{M}/infer", {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, 400, "text_input"),
-    (f"/v2/models/{M}/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "parameters": {"top_k": "many"}}, 400, "top_k"),
+    (
+        f"/v2/models/{M}/infer",
+        {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "parameters": {"top_k": "many"}},
+        400,
+        "top_k",
+    ),
     (f"/v2/models/{M}/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [LONG]}]}, 400, "maximum context length"),
     ("/v2/models/other/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, 404, ""),
     (f"/v2/models/{M}/generate", {"text_input": ""}, 400, "empty"),

@@ -92,15 +92,17 @@ def test_pickle_only_directory_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_cli_reports_a_missing_model_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "predictor", "--model_dir", str(tmp_path / "nope"), "--http_port", "0"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "predictor", "--model_dir", str(tmp_path / "nope"), "--http_port", "0"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert "does not exist" in result.stderr
 
 
 def test_cli_refuses_several_workers(tiny_model_dir):
-    result = subprocess.run([sys.executable, "-m", "predictor", "--model_dir", str(tiny_model_dir), "--workers", "2"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "predictor", "--model_dir", str(tiny_model_dir), "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "--workers must be 1" in result.stderr
 
 

@@ -107,8 +107,14 @@ def test_logprobs_and_echo(client, tokenizer):
 
 
 def test_chat_completion_and_chat_logprobs(client):
-    r = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
-                                       max_completion_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_completion_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     choice = r.choices[0]
     assert choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length")

@@ -28,7 +28,7 @@ def reference(hf_model) -> dict[str, str]:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
             generated = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        out[prompt] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+        out[prompt] = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
     assert any(text.strip() for text in out.values()), "the tiny model should produce some visible text"
     return out
 
@@ -105,7 +105,7 @@ def test_generate_and_generate_stream(server, reference):
     r2 = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/generate", json={"text_input": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0}, timeout=60)
     assert r2.json()["text_output"] == reference[PROMPTS[2]]
     with httpx.stream("POST", f"{server.url}/v2/models/{MODEL_NAME}/generate_stream", json=body, timeout=60) as s:
-        events = [json.loads(line[len("data: "):]) for line in s.iter_lines() if line.startswith("data: ")]
+        events = [json.loads(line[len("data: ") :]) for line in s.iter_lines() if line.startswith("data: ")]
     assert "".join(e["text_output"] for e in events) == reference[PROMPTS[2]]
     assert events[-1]["finish_reason"] in ("stop", "length")
 

@@ -13,9 +13,7 @@ import torch
 from ..sampling import SamplingParams, TokenLogprob
 
 
-def apply_penalties(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
-) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
     """Repetition (over prompt and output), presence and frequency (over output) penalties, and logit bias.
 
     logits: (V,) float32, modified in place and returned.

@@ -46,8 +46,13 @@ class GenerateRoutes:
 
     async def generate(self, model_name: str, request: Request) -> dict:
         done = await self.gen.complete(self._request(model_name, await request.body()))
-        return {"model_name": self.model_name, "model_version": None, "text_output": done.text, "finish_reason": done.finish_reason,
-                "usage": {"prompt_tokens": done.num_prompt_tokens, "completion_tokens": len(done.token_ids)}}
+        return {
+            "model_name": self.model_name,
+            "model_version": None,
+            "text_output": done.text,
+            "finish_reason": done.finish_reason,
+            "usage": {"prompt_tokens": done.num_prompt_tokens, "completion_tokens": len(done.token_ids)},
+        }
 
     async def generate_stream(self, model_name: str, request: Request) -> StreamingResponse:
         req = self._request(model_name, await request.body())

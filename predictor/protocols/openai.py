@@ -47,8 +47,7 @@ class OpenAIRoutes:
             raise InvalidRequest(message, param="model", status=404, code="model_not_found")
 
     async def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm",
-                "max_model_len": self.gen.loaded.max_model_len}
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm", "max_model_len": self.gen.loaded.max_model_len}
         # "models" keeps KServe V1's GET /v1/models answer, which shares this path, for V1 clients.
         return {"object": "list", "data": [card], "models": [self.model_name]}
 
@@ -89,8 +88,14 @@ class OpenAIRoutes:
             if body.logprobs is not None:
                 logprobs = self._completion_logprobs((done.prompt_logprobs or []) + done.logprobs, req.prompt_ids)
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices, "usage": _usage(prompt_token_total, results)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(prompt_token_total, results),
+        }
 
     async def _completion_events(self, rid, body, jobs, prompt_tokens, include_usage) -> AsyncIterator[str]:
         created = int(time.time())
@@ -159,13 +164,22 @@ class OpenAIRoutes:
             return _event_stream(self._chat_events(rid, jobs, len(ids), include_usage))
         results = await asyncio.gather(*(self.gen.complete(req) for _, req in jobs))
         choices = [
-            {"index": index, "message": {"role": "assistant", "content": done.text},
-             "logprobs": {"content": self._chat_logprobs(done.logprobs)} if body.logprobs else None,
-             "finish_reason": done.finish_reason}
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": done.text},
+                "logprobs": {"content": self._chat_logprobs(done.logprobs)} if body.logprobs else None,
+                "finish_reason": done.finish_reason,
+            }
             for (index, _), done in zip(jobs, results)
         ]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices, "usage": _usage(len(ids), results)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(len(ids), results),
+        }
 
     async def _chat_events(self, rid, jobs, prompt_tokens, include_usage) -> AsyncIterator[str]:
         created = int(time.time())
