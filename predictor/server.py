@@ -15,7 +15,7 @@ from pathlib import Path
 DEFAULT_MODEL_DIR = "/mnt/models"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
-logger = logging.getLogger("predictor")
+logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,4 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     install_error_handlers(app, args.max_body_bytes)
     openai.register(app, openai.OpenAIRoutes(args.model_name, model.generation))
     generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
+    # KServe logs "OpenAI endpoints not registered" about its own vLLM-based routes; these are ours.
+    logger.info("OpenAI routes on /v1 and /openai/v1; V2 generate on /v2/models/%s/generate[_stream]", args.model_name)
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, enable_grpc=args.enable_grpc).start([model])

@@ -13,7 +13,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 @dataclass
 class Sequence:
-    """A sequence's state on the device: its KV cache and how many positions it holds."""
+    """A sequence's state on the device: its KV cache (filled in place by each forward) and its length."""
 
     cache: DynamicCache
     length: int
@@ -31,13 +31,13 @@ class ModelRunner:
         """Run the prompt; return logits (len(prompt), V) if ``all_logits`` else (1, V), and the new sequence."""
         input_ids = torch.tensor([prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
-        return out.logits[0].float(), Sequence(cache=out.past_key_values, length=len(prompt_ids))
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits[0].float(), Sequence(cache=cache, length=len(prompt_ids))
 
     @torch.inference_mode()
     def decode(self, token_id: int, seq: Sequence) -> torch.Tensor:
         """Feed one token; return the next-token logits (1, V)."""
         input_ids = torch.tensor([[token_id]], device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True)
+        out = self.model(input_ids=input_ids, cache=seq.cache, use_cache=True)
         seq.length += 1
         return out.logits[0, -1:].float()
