@@ -6,16 +6,23 @@ and their error messages are the same on every route.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .engine import Engine
+from .engine import Engine, Sequence
 from .loading import LoadedModel
 from .sampling import GenerationRequest, InvalidRequest, SamplingParams, StepOutput, TokenLogprob
 
 # max_tokens when a non-chat request gives none (the OpenAI completions default).
 DEFAULT_MAX_TOKENS = 16
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its requests were cancelled."""
 
 
 @dataclass
@@ -90,14 +97,43 @@ class Generation:
         params.validate(self.loaded.vocab_size)
         return GenerationRequest(uuid.uuid4().hex, prompt_ids, params, prompt_logprobs)
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
-        return self.engine.generate(request)
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Sequence]:
+        """Queue every request or none: if one is refused (queue full, shutting down), the rest are cancelled."""
+        seqs: list[Sequence] = []
+        try:
+            for request in requests:
+                seqs.append(self.engine.submit(request))
+        except Exception:
+            for seq in seqs:
+                seq.cancel()
+            raise
+        return seqs
 
-    async def complete(self, request: GenerationRequest) -> Completion:
-        completion = Completion(num_prompt_tokens=len(request.prompt_ids))
-        async for out in self.engine.generate(request):
-            completion.add(out)
-        return completion
+    async def complete_all(self, requests: list[GenerationRequest], disconnected: Disconnected | None = None) -> list[Completion]:
+        """Run requests to the end. With ``disconnected``, a client that goes away cancels them within 0.2 s."""
+        seqs = self.submit_all(requests)
+
+        async def collect(seq: Sequence) -> Completion:
+            completion = Completion(num_prompt_tokens=len(seq.request.prompt_ids))
+            async for out in seq.stream():
+                completion.add(out)
+            return completion
+
+        work = asyncio.gather(*(collect(s) for s in seqs))
+        if disconnected is None:
+            return await work
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=0.2)
+                if done:
+                    return work.result()
+                if await disconnected():
+                    for seq in seqs:
+                        seq.cancel()
+                    raise ClientDisconnected()
+        finally:
+            if not work.done():
+                work.cancel()
 
     def token_text(self, token_id: int) -> str:
         return self.loaded.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)

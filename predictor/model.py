@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import kserve
+from grpc_interceptor import exceptions as grpc_errors
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from .engine import Engine
+from .engine import Engine, EngineConfig, EngineStopped, QueueFull, RequestTimeout
 from .generation import Generation
 from .loading import load_model
+from .metrics import EngineMetrics
 from .protocols import v1, v2
 from .sampling import GenerationRequest, InvalidRequest, SamplingParams
 
@@ -36,9 +38,11 @@ class LLMModel(kserve.Model):
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
         allow_pickle_weights: bool = False,
+        engine_config: EngineConfig | None = None,
     ):
         super().__init__(name)
         self.model_dir = Path(model_dir)
+        self.engine_config = engine_config or EngineConfig()
         self.options = dict(dtype=dtype, device=device, max_model_len=max_model_len, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
         self.generation: Generation | None = None
         self._engine: Engine | None = None  # not kserve's ``engine`` flag: ours is started by load()
@@ -47,7 +51,7 @@ class LLMModel(kserve.Model):
         """Load weights, start the engine thread and run one warm-up generation; only then ready."""
         loaded = load_model(self.model_dir, **self.options)
         logger.info("loaded %s (%s, %s, max_model_len=%d)", self.model_dir, loaded.device, loaded.dtype, loaded.max_model_len)
-        engine = Engine(loaded)
+        engine = Engine(loaded, self.engine_config, EngineMetrics(self.name))
         engine.start()
         self.generation = Generation(loaded, engine)
         self._warm_up(engine, loaded.eos_token_id or 0)
@@ -68,6 +72,11 @@ class LLMModel(kserve.Model):
         finally:
             loop.close()
 
+    @property
+    def engine_handle(self) -> Engine:
+        """The running engine (KServe's own ``engine`` attribute is a flag it reserves)."""
+        return self._engine
+
     def start(self) -> None:
         """KServe calls this after registering; readiness stays what ``load`` made it."""
 
@@ -83,10 +92,27 @@ class LLMModel(kserve.Model):
         return v2.OUTPUT_TYPES
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> dict | InferResponse:
-        """V2 ``InferRequest`` (REST or gRPC) or a V1 ``{"instances": ...}`` body."""
+        """V2 ``InferRequest`` (REST or gRPC) or a V1 ``{"instances": ...}`` body.
+
+        Over REST, engine errors reach the app's handlers (429, 503, 504); over gRPC they become the
+        matching status codes here, since KServe's gRPC interceptor maps only its own exceptions.
+        """
+        grpc = isinstance(payload, InferRequest) and payload.from_grpc
         try:
             if isinstance(payload, InferRequest):
                 return await v2.infer(self.generation, self.name, payload)
             return await v1.predict(self.generation, payload)
         except InvalidRequest as exc:
             raise InvalidInput(exc.message) from None
+        except QueueFull as exc:
+            if grpc:
+                raise grpc_errors.ResourceExhausted(str(exc)) from None
+            raise
+        except EngineStopped as exc:
+            if grpc:
+                raise grpc_errors.Unavailable(str(exc)) from None
+            raise
+        except RequestTimeout as exc:
+            if grpc:
+                raise grpc_errors.DeadlineExceeded(str(exc)) from None
+            raise

@@ -8,9 +8,14 @@ KServe's REST and gRPC servers.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
+
+import kserve
+from fastapi.responses import JSONResponse
 
 DEFAULT_MODEL_DIR = "/mnt/models"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -49,7 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="Load pickle weights (*.bin) when a directory has no safetensors. Pickle can run code: only for directories you trust.",
     )
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="Largest accepted HTTP request body; larger ones get 413.")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max_num_seqs", type=_positive, default=16, help="Running batch limit (sequences decoded together); sizes the KV cache.")
+    engine.add_argument(
+        "--max_queue", type=_non_negative, default=256, help="Waiting requests beyond the running batch; more get 429 (gRPC RESOURCE_EXHAUSTED)."
+    )
+    engine.add_argument(
+        "--request_timeout", type=float, default=600.0, help="Seconds a request may take from arrival to its last token (0: no limit); past it, 504."
+    )
+    engine.add_argument(
+        "--max_prefill_tokens", type=_positive, default=2048, help="Prompt tokens prefilled in one engine step (at least one prompt always is)."
+    )
+    engine.add_argument(
+        "--shutdown_grace_period", type=float, default=30.0, help="Seconds after SIGTERM for accepted requests to finish before the server exits."
+    )
     return parser
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
 
 
 def resolve_model_dir(args: argparse.Namespace, explicit: bool) -> Path:
@@ -63,10 +96,52 @@ def resolve_model_dir(args: argparse.Namespace, explicit: bool) -> Path:
     return ensure_demo_model()
 
 
+class DrainingModelServer(kserve.ModelServer):
+    """KServe's ModelServer with a graceful drain on SIGTERM/SIGINT.
+
+    At the signal: readiness turns false and new requests get 503 at once; accepted requests finish
+    (up to the grace period); then the HTTP and gRPC servers stop and the process exits 0.
+    """
+
+    def __init__(self, model, grace_period: float, **kwargs):
+        super().__init__(grace_period=int(grace_period), **kwargs)
+        self.model = model
+        self.drain_grace_period = grace_period
+        self.draining = False
+
+    def register_signal_handler(self) -> None:
+        """Replaced by ``install_signal_handlers``, which runs once the event loop serves."""
+
+    async def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda sig=sig: asyncio.ensure_future(self.drain(sig)))
+
+    async def ready(self) -> JSONResponse:
+        ready = self.model.ready and not self.draining
+        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
+
+    async def drain(self, sig: int) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        logger.info("signal %d: draining (readiness false, new requests 503, up to %gs for requests in flight)", sig, self.drain_grace_period)
+        self.model.ready = False
+        engine = self.model.engine_handle
+        engine.begin_drain()
+        finished = await engine.wait_idle(self.drain_grace_period)
+        logger.info("drain %s; stopping servers", "complete" if finished else "timed out")
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(sig)
+        if self._rest_server is not None:
+            self._rest_server._server.should_exit = True
+        self.model.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
-    import kserve
     from kserve.model_server import app
 
+    from .engine import EngineConfig
     from .loading import ModelLoadError
     from .model import LLMModel
     from .protocols import generate, openai
@@ -90,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
         allow_pickle_weights=args.allow_pickle_weights,
+        engine_config=EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
+            max_prefill_tokens=args.max_prefill_tokens,
+        ),
     )
     try:
         model.load()

@@ -1,5 +1,5 @@
-"""The generation engine: scheduler loop, model runner, sampler and detokenizer."""
+"""The generation engine: scheduler loop, model runner, KV cache, sampler and detokenizer."""
 
-from .engine import Engine, EngineStopped
+from .engine import Engine, EngineConfig, EngineError, EngineStopped, QueueFull, RequestTimeout, Sequence
 
-__all__ = ["Engine", "EngineStopped"]
+__all__ = ["Engine", "EngineConfig", "EngineError", "EngineStopped", "QueueFull", "RequestTimeout", "Sequence"]

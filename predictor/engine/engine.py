@@ -1,135 +1,328 @@
-"""The engine: accepts ``GenerationRequest``s from any protocol and streams ``StepOutput``s back.
+"""The continuous-batching engine: every protocol's requests in, streamed ``StepOutput``s out.
 
-One background thread owns the model; the asyncio side only enqueues requests and awaits outputs, so
-HTTP and gRPC stay responsive while tensors are computed. This version runs one sequence at a time
-(``submit`` → queue → prefill → decode loop); the continuous-batching scheduler replaces ``_run_loop``
-behind the same ``generate`` interface.
+One background thread owns the model. Each iteration it (1) drops cancelled and timed-out sequences,
+(2) admits waiting requests into free KV-cache rows, within a prefill token budget, and prefills them
+in one batch, (3) runs one batched decode step over every running sequence, each row with its own
+position, sampling parameters and generator. A sequence that finishes leaves at once and its row is
+reused by the next admission. The asyncio side only submits requests and awaits outputs, so HTTP and
+gRPC stay responsive while tensors are computed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ..loading import LoadedModel
+from ..metrics import EngineMetrics
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
 from .detokenizer import Detokenizer
-from .runner import ModelRunner
+from .runner import make_runner
 from .sampler import sample, token_logprob
 
 logger = logging.getLogger(__name__)
 
 
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
+class EngineError(RuntimeError):
+    """A request the engine could not serve; the protocol adapters map each kind to a status."""
+
+
+class QueueFull(EngineError):
+    """The waiting queue is at ``--max_queue``: answer 429 / RESOURCE_EXHAUSTED and let the client retry."""
+
+
+class EngineStopped(EngineError):
+    """The server is draining for shutdown and takes no new requests (503)."""
+
+
+class RequestTimeout(EngineError):
+    """The request ran past ``--request_timeout``."""
 
 
 @dataclass
-class _Job:
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_queue: int = 256
+    request_timeout: float = 600.0
+    max_prefill_tokens: int = 2048
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's life in the engine. Fields after ``cancelled`` belong to the engine thread."""
+
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    arrival: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    row: int = -1
+    length: int = 0  # positions in the KV cache
+    pending: int = -1  # the last sampled token, fed at the next decode step
+    output_ids: list[int] = field(default_factory=list)
+    last_token_time: float = 0.0
+    generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
+    def cancel(self) -> None:
+        self.cancelled.set()
 
-class Engine:
-    """Owns the model thread. ``generate`` is the only way in."""
-
-    def __init__(self, loaded: LoadedModel):
-        self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, loaded.device)
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run_loop, name="engine", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Finish the running sequence, then end the thread."""
-        self._stopping = True
-        self._jobs.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
-        """Stream the request's outputs; the last one has ``finish_reason``. Closing the stream cancels it."""
-        if self._stopping:
-            raise EngineStopped("the server is shutting down")
-        job = _Job(request=request, loop=asyncio.get_running_loop(), outputs=asyncio.Queue())
-        self._jobs.put(job)
+    async def stream(self) -> AsyncIterator[StepOutput]:
+        """This request's outputs; the last has ``finish_reason``. Leaving early cancels the request."""
         try:
             while True:
-                item = await job.outputs.get()
+                item = await self.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
-            job.cancelled.set()
+            self.cancelled.set()
 
-    def _run_loop(self) -> None:
+    def emit(self, item: StepOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class Engine:
+    """Owns the model thread. ``submit`` (or ``generate``) is the only way in."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: EngineMetrics | None = None):
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.metrics = metrics
+        self.runner = make_runner(loaded.model, self.config.max_num_seqs, loaded.max_model_len, loaded.device)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i].row == i
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._stop = False
+
+    # ---- the asyncio side ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        """Queue a request; raises ``QueueFull`` or ``EngineStopped`` at once instead of accepting it."""
+        seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        with self._cond:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down and takes no new requests")
+            if len(self.waiting) >= self.config.max_queue:
+                if self.metrics:
+                    self.metrics.rejected.inc()
+                raise QueueFull(f"the server is at capacity ({self.config.max_queue} requests waiting); retry shortly")
+            self.waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
+        seq = self.submit(request)
+        async for out in seq.stream():
+            yield out
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; accepted ones run to completion."""
+        with self._cond:
+            self._accepting = False
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self.waiting and not self.running
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.idle:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        """End the thread after the current iteration; requests still queued get ``EngineStopped``."""
+        with self._cond:
+            self._accepting = False
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ---- the engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():
-                continue
+            with self._cond:
+                while not self.waiting and not self.running and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    for seq in list(self.waiting) + self.running:
+                        seq.emit(EngineStopped("the server stopped before this request finished"))
+                    self.waiting.clear()
+                    return
             try:
-                self._run_one(job)
-            except Exception as exc:  # report to the waiting client, keep serving the others
-                logger.exception("generation failed for request %s", job.request.request_id)
-                job.loop.call_soon_threadsafe(job.outputs.put_nowait, exc)
+                self._step()
+            except Exception as exc:  # a bug or a device error: fail the requests in flight, keep serving
+                logger.exception("engine step failed")
+                for seq in list(self.running):
+                    seq.emit(EngineError(f"generation failed: {exc}"))
+                    self._remove(seq)
+            self._update_gauges()
 
-    def _run_one(self, job: _Job) -> None:
-        req, params = job.request, job.request.params
-        tokenizer = self.loaded.tokenizer
-        eos = self.loaded.eos_token_id
-        generator = torch.Generator(device=self.loaded.device)
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        detok = Detokenizer(tokenizer, req.prompt_ids, params.stop)
-        logits, seq = self.runner.prefill(req.prompt_ids, all_logits=req.prompt_logprobs)
-        prompt_logprobs = _prompt_logprobs(logits, req.prompt_ids, params.logprobs or 0) if req.prompt_logprobs else None
-        logits = logits[-1:]
-        output_ids: list[int] = []
-        while True:
-            if job.cancelled.is_set():
-                return
-            (token,), (logprob,) = sample(logits, [params], [generator], [req.prompt_ids], [output_ids], eos)
-            output_ids.append(token)
-            finish = None
-            if token == eos and not params.ignore_eos:
-                text, finish = detok.flush(), "stop"
+    def _step(self) -> None:
+        now = time.monotonic()
+        self._expire(now)
+        admitted = self._admit(now)
+        if admitted:
+            self._prefill(admitted)
+        if self.running:
+            self._decode()
+
+    def _expire(self, now: float) -> None:
+        timeout = self.config.request_timeout
+        with self._cond:
+            for seq in list(self.waiting):
+                if seq.cancelled.is_set():
+                    self.waiting.remove(seq)
+                elif timeout and now - seq.arrival > timeout:
+                    self.waiting.remove(seq)
+                    seq.emit(RequestTimeout(f"the request waited longer than --request_timeout ({timeout:g} s)"))
+        for seq in list(self.running):
+            if seq.cancelled.is_set():
+                self._remove(seq)
+            elif timeout and now - seq.arrival > timeout:
+                seq.emit(RequestTimeout(f"the request ran longer than --request_timeout ({timeout:g} s)"))
+                self._remove(seq)
+
+    def _admit(self, now: float) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        budget = self.config.max_prefill_tokens
+        with self._cond:
+            while self.waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
+                n = len(self.waiting[0].request.prompt_ids)
+                if admitted and n > budget:
+                    break
+                seq = self.waiting.popleft()
+                budget -= n
+                admitted.append(seq)
+        for seq in admitted:
+            params = seq.request.params
+            seq.generator = torch.Generator(device=self.loaded.device)
+            seq.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            seq.detok = Detokenizer(self.loaded.tokenizer, seq.request.prompt_ids, params.stop)
+            if self.metrics:
+                self.metrics.queue_time.observe(now - seq.arrival)
+                self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
+        return admitted
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        first_row = len(self.running)
+        for i, seq in enumerate(admitted):
+            seq.row = first_row + i
+            seq.length = len(seq.request.prompt_ids)
+            self.running.append(seq)
+        logits = self.runner.prefill([s.row for s in admitted], [s.request.prompt_ids for s in admitted], [s.request.prompt_logprobs for s in admitted])
+        last = []
+        for seq, row_logits in zip(admitted, logits):
+            if seq.request.prompt_logprobs:
+                seq.prompt_logprobs = _prompt_logprobs(row_logits, seq.request.prompt_ids, seq.request.params.logprobs or 0)
+            last.append(row_logits[-1])
+        self._sample_and_emit(admitted, torch.stack(last))
+
+    def _decode(self) -> None:
+        batch = list(self.running)
+        logits = self.runner.decode([s.pending for s in batch], [s.length for s in batch])
+        for seq in batch:
+            seq.length += 1
+        self._sample_and_emit(batch, logits)
+
+    def _sample_and_emit(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = sample(
+            logits,
+            [s.request.params for s in batch],
+            [s.generator for s in batch],
+            [s.request.prompt_ids for s in batch],
+            [s.output_ids for s in batch],
+            self.loaded.eos_token_id,
+        )
+        now = time.monotonic()
+        finished = []
+        for seq, token, logprob in zip(batch, tokens, logprobs):
+            if self._advance(seq, token, logprob, now):
+                finished.append(seq)
+        for seq in finished:
+            self._remove(seq)
+
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> bool:
+        """Record one sampled token and emit its text; True when the sequence is finished."""
+        params = seq.request.params
+        seq.output_ids.append(token)
+        seq.pending = token
+        if self.metrics:
+            self.metrics.generation_tokens.inc()
+            if len(seq.output_ids) == 1:
+                self.metrics.ttft.observe(now - seq.arrival)
             else:
-                text = detok.add(token)
-                if detok.stopped:
-                    finish = "stop"
-                elif len(output_ids) >= params.max_tokens or seq.length + 1 >= self.loaded.max_model_len:
-                    text, finish = text + detok.flush(), "length"
-            out = StepOutput(
+                self.metrics.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        finish = None
+        if token == self.loaded.eos_token_id and not params.ignore_eos:
+            text, finish = seq.detok.flush(), "stop"
+        else:
+            text = seq.detok.add(token)
+            if seq.detok.stopped:
+                finish = "stop"
+            elif len(seq.output_ids) >= params.max_tokens or seq.length + 1 >= self.loaded.max_model_len:
+                text, finish = text + seq.detok.flush(), "length"
+        seq.emit(
+            StepOutput(
                 text=text,
                 token_ids=[token],
                 logprobs=None if logprob is None else [logprob],
                 finish_reason=finish,
-                prompt_logprobs=prompt_logprobs,
-                num_prompt_tokens=len(req.prompt_ids),
-                num_generated_tokens=len(output_ids),
+                prompt_logprobs=seq.prompt_logprobs,
+                num_prompt_tokens=len(seq.request.prompt_ids),
+                num_generated_tokens=len(seq.output_ids),
             )
-            prompt_logprobs = None
-            job.loop.call_soon_threadsafe(job.outputs.put_nowait, out)
-            if finish is not None:
-                return
-            logits = self.runner.decode(token, seq)
+        )
+        seq.prompt_logprobs = None
+        if finish is not None and self.metrics:
+            self.metrics.e2e.observe(now - seq.arrival)
+            self.metrics.success(finish)
+        return finish is not None
+
+    def _remove(self, seq: Sequence) -> None:
+        """Free the sequence's row; the last running row moves into it to keep rows contiguous."""
+        row = seq.row
+        if row < 0 or row >= len(self.running) or self.running[row] is not seq:
+            return
+        last = self.running.pop()
+        if last is not seq:
+            self.runner.move(last.row, row, last.length)
+            last.row = row
+            self.running[row] = last
+        else:
+            self.runner.release(row)
+        seq.row = -1
+
+    def _update_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.running.set(len(self.running))
+            self.metrics.waiting.set(len(self.waiting))
+            self.metrics.kv_cache_usage.set(self.runner.usage([s.length for s in self.running]))
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top_n: int) -> list[TokenLogprob | None]:

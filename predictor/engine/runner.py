@@ -1,43 +1,166 @@
-"""The model runner: prefill a prompt, then decode one token at a time over the model's KV cache.
+"""Model runners: prefill new sequences, then run one batched decode step over every running sequence.
 
-Tensors and devices live here and nowhere else; the engine passes token ids in and gets logits out.
+Tensors and devices live here and nowhere else; the engine passes token ids and row numbers in and
+gets logits out. Rows are the KV cache rows of ``kv_cache.py``: running sequences occupy rows 0..B-1.
+
+``GPT2Runner`` is the fast path (GPT-2 family: the demo model, GPT-2 and its pruned, distilled or
+quantized variants). It calls the model's own modules for every projection, layer norm and MLP, so a
+quantized module works unchanged, and does attention itself over the preallocated cache with per-row
+positions and masks. ``HFRunner`` serves any other causal LM through its own ``forward`` and a cache per
+sequence: correct, but its decode runs row by row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-
-@dataclass
-class Sequence:
-    """A sequence's state on the device: its KV cache (filled in place by each forward) and its length."""
-
-    cache: DynamicCache
-    length: int
+from .kv_cache import KVCache
 
 
-class ModelRunner:
-    """Runs a causal LM forward pass for prefill and for single-token decode steps."""
+class ModelRunner(ABC):
+    @abstractmethod
+    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
+        """Run new prompts into ``rows``; per prompt, logits (len, V) if ``all_logits`` else (1, V)."""
+
+    @abstractmethod
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        """Feed ``tokens[b]`` at position ``lengths[b]`` of row b (b = 0..B-1); return logits (B, V)."""
+
+    @abstractmethod
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row ``src`` now lives in row ``dst`` (``length`` positions filled)."""
+
+    @abstractmethod
+    def release(self, row: int) -> None:
+        """Row ``row`` is free (its sequence left and no other row moved into it)."""
+
+    def usage(self, lengths: list[int]) -> float:
+        """Fraction of the KV cache holding live positions."""
+        return 0.0
+
+
+def make_runner(model: PreTrainedModel, max_num_seqs: int, max_model_len: int, device: torch.device) -> ModelRunner:
+    if GPT2Runner.supports(model):
+        return GPT2Runner(model, max_num_seqs, max_model_len, device)
+    return HFRunner(model, device)
+
+
+class GPT2Runner(ModelRunner):
+    def __init__(self, model: PreTrainedModel, max_num_seqs: int, max_model_len: int, device: torch.device):
+        cfg = model.config
+        self.model = model
+        self.tr = model.transformer
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.device = device
+        dtype = next(model.parameters()).dtype
+        if not dtype.is_floating_point:  # quantized weights: activations stay float32
+            dtype = torch.float32
+        self.cache = KVCache(cfg.n_layer, max_num_seqs, cfg.n_head, max_model_len, self.head_dim, dtype, device)
+
+    @staticmethod
+    def supports(model: PreTrainedModel) -> bool:
+        cfg = model.config
+        return (
+            cfg.model_type == "gpt2"
+            and hasattr(model, "transformer")
+            and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+            and not getattr(cfg, "reorder_and_upcast_attn", False)
+            and getattr(cfg, "scale_attn_weights", True)
+        )
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, C) -> (B, H, T, D)
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
+        lengths = [len(p) for p in prompts]
+        T = max(lengths)
+        padded = [p + [0] * (T - len(p)) for p in prompts]  # right padding: causal attention never sees it
+        input_ids = torch.tensor(padded, device=self.device)  # (N, T)
+        positions = torch.arange(T, device=self.device).expand(len(prompts), T)
+        row_idx = torch.tensor(rows, device=self.device)
+        x = self.tr.wte(input_ids) + self.tr.wpe(positions)  # (N, T, C)
+        for i, block in enumerate(self.tr.h):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, T, D)
+            self.cache.k[i][row_idx, :, :T] = k
+            self.cache.v[i][row_idx, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, D)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
+            x = x + block.mlp(block.ln_2(x))
+        x = self.tr.ln_f(x)
+        out = []
+        for n, (length, every) in enumerate(zip(lengths, all_logits)):
+            h = x[n, :length] if every else x[n, length - 1 : length]
+            out.append(self.model.lm_head(h).float())
+        return out
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        B = len(tokens)
+        L = max(lengths) + 1
+        input_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
+        pos = torch.tensor(lengths, device=self.device)  # (B,)
+        rows = torch.arange(B, device=self.device)
+        # (B, 1, 1, L): row b attends to its own positions 0..lengths[b]
+        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        x = self.tr.wte(input_ids) + self.tr.wpe(pos.unsqueeze(1))  # (B, 1, C)
+        for i, block in enumerate(self.tr.h):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
+            q = self._split_heads(q)  # (B, H, 1, D)
+            ck, cv = self.cache.k[i], self.cache.v[i]
+            ck[rows, :, pos] = k.view(B, self.n_head, self.head_dim)  # write in place at each row's position
+            cv[rows, :, pos] = v.view(B, self.n_head, self.head_dim)
+            y = F.scaled_dot_product_attention(q, ck[:B, :, :L], cv[:B, :, :L], attn_mask=mask)  # (B, H, 1, D)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
+            x = x + block.mlp(block.ln_2(x))
+        return self.model.lm_head(self.tr.ln_f(x))[:, 0].float()  # (B, V)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.cache.move(src, dst, length)
+
+    def release(self, row: int) -> None:
+        """Nothing to free: the row's cache is overwritten by its next prefill."""
+
+    def usage(self, lengths: list[int]) -> float:
+        return sum(lengths) / (self.cache.max_seqs * self.cache.max_len)
+
+
+class HFRunner(ModelRunner):
+    """Any causal LM through its own forward, one ``DynamicCache`` per row."""
 
     def __init__(self, model: PreTrainedModel, device: torch.device):
         self.model = model
         self.device = device
+        self.caches: dict[int, DynamicCache] = {}
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], all_logits: bool = False) -> tuple[torch.Tensor, Sequence]:
-        """Run the prompt; return logits (len(prompt), V) if ``all_logits`` else (1, V), and the new sequence."""
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
-        return out.logits[0].float(), Sequence(cache=cache, length=len(prompt_ids))
+    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
+        out = []
+        for row, prompt, every in zip(rows, prompts, all_logits):
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.tensor([prompt], device=self.device)
+            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0 if every else 1).logits[0]
+            self.caches[row] = cache
+            out.append(logits.float())
+        return out
 
     @torch.inference_mode()
-    def decode(self, token_id: int, seq: Sequence) -> torch.Tensor:
-        """Feed one token; return the next-token logits (1, V)."""
-        input_ids = torch.tensor([[token_id]], device=self.device)
-        out = self.model(input_ids=input_ids, cache=seq.cache, use_cache=True)
-        seq.length += 1
-        return out.logits[0, -1:].float()
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        rows = []
+        for b, token in enumerate(tokens):
+            ids = torch.tensor([[token]], device=self.device)
+            rows.append(self.model(input_ids=ids, cache=self.caches[b], use_cache=True).logits[0, -1].float())
+        return torch.stack(rows)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.caches[dst] = self.caches.pop(src)
+
+    def release(self, row: int) -> None:
+        self.caches.pop(row, None)

@@ -56,27 +56,36 @@ def sample(
     output_ids: list[list[int]],
     eos_token_id: int | None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Next token for each row. logits: (B, V) as produced by the model for the last position of each row."""
+    """Next token for each row. logits: (B, V) for the last position of each row.
+
+    Rows that need no per-row work (no penalties, no bias) share batched operations; the rest are
+    adjusted one by one. Every random draw uses the row's own generator.
+    """
     logits = logits.float()
-    raw_logprobs = None
-    if any(p.logprobs is not None for p in params):
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-    tokens: list[int] = []
-    logprobs: list[TokenLogprob | None] = []
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+    needs_copy = any(_has_penalties(p) for p in params) or eos_token_id is not None
+    if needs_copy:
+        logits = logits.clone()
     for row, p in enumerate(params):
-        row_logits = apply_penalties(logits[row].clone(), p, prompt_ids[row], output_ids[row])
-        if eos_token_id is not None and (p.ignore_eos or len(output_ids[row]) < p.min_tokens):
-            row_logits[eos_token_id] = float("-inf")
-        if p.greedy:
-            token = int(torch.argmax(row_logits))
-        else:
-            probs = filter_logits(row_logits, p).softmax(-1)
+        if _has_penalties(p):
+            apply_penalties(logits[row], p, prompt_ids[row], output_ids[row])
+    if eos_token_id is not None:
+        blocked = [row for row, p in enumerate(params) if p.ignore_eos or len(output_ids[row]) < p.min_tokens]
+        if blocked:
+            logits[blocked, eos_token_id] = float("-inf")
+    tokens = torch.argmax(logits, dim=-1).tolist()  # greedy rows keep this
+    for row, p in enumerate(params):
+        if not p.greedy:
+            probs = filter_logits(logits[row], p).softmax(-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, using only this row's generator.
             noise = torch.empty_like(probs).exponential_(generator=generators[row])
-            token = int(torch.argmax(probs / noise))
-        tokens.append(token)
-        logprobs.append(None if p.logprobs is None else token_logprob(raw_logprobs[row], token, p.logprobs))
+            tokens[row] = int(torch.argmax(probs / noise))
+    logprobs = [None if p.logprobs is None else token_logprob(raw_logprobs[row], tokens[row], p.logprobs) for row, p in enumerate(params)]
     return tokens, logprobs
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or bool(p.logit_bias)
 
 
 def token_logprob(row_logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

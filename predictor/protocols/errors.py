@@ -1,7 +1,8 @@
 """How client errors look on the wire, and the request-body size limit.
 
 OpenAI routes answer with the OpenAI error body; the KServe routes (V1, V2, generate) with KServe's
-``{"error": "..."}``. Both carry the status of the mistake (400, 404, 413), never a 500.
+``{"error": "..."}``. Both carry the status of the mistake (400, 404, 413), never a 500. Overload is 429 with ``Retry-After``;
+shutdown 503; a request past ``--request_timeout`` 504.
 """
 
 from __future__ import annotations
@@ -11,8 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..engine import EngineError, EngineStopped, QueueFull
+from ..generation import ClientDisconnected
 from ..sampling import InvalidRequest
 from .openai import PREFIXES, openai_error
+from .sse import error_status
+
+# How long a client told 429 should wait before retrying (the Retry-After header).
+RETRY_AFTER_SECONDS = 1
 
 
 def _is_openai(path: str) -> bool:
@@ -34,8 +41,22 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         param = ".".join(str(p) for p in err["loc"] if p != "body") or None
         return error_response(request.url.path, 400, f"invalid request body at '{param}': {err['msg']}", param)
 
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        if isinstance(exc, QueueFull):
+            response = error_response(request.url.path, 429, str(exc), code="queue_full")
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
+        if isinstance(exc, EngineStopped):
+            return error_response(request.url.path, 503, str(exc), code="shutting_down")
+        return error_response(request.url.path, error_status(exc), str(exc))
+
+    async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        return error_response(request.url.path, 499, "client closed the request")
+
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(EngineError, engine_error)
+    app.add_exception_handler(ClientDisconnected, disconnected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
 

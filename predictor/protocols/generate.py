@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ..generation import Generation
 from ..sampling import GenerationRequest, InvalidRequest
 from .schema import GenerateRequest, SamplingFields, validation_error
+from .sse import error_status, event_stream, sse
 
 
 class GenerateRoutes:
@@ -45,7 +46,7 @@ class GenerateRoutes:
         return self.gen.request(ids, body.parameters.sampling_params(max_tokens))
 
     async def generate(self, model_name: str, request: Request) -> dict:
-        done = await self.gen.complete(self._request(model_name, await request.body()))
+        (done,) = await self.gen.complete_all([self._request(model_name, await request.body())], request.is_disconnected)
         return {
             "model_name": self.model_name,
             "model_version": None,
@@ -55,16 +56,16 @@ class GenerateRoutes:
         }
 
     async def generate_stream(self, model_name: str, request: Request) -> StreamingResponse:
-        req = self._request(model_name, await request.body())
+        (seq,) = self.gen.submit_all([self._request(model_name, await request.body())])
 
         async def events() -> AsyncIterator[str]:
-            async for out in self.gen.stream(req):
+            async for out in seq.stream():
                 event = {"model_name": self.model_name, "model_version": None, "text_output": out.text}
                 if out.finish_reason is not None:
                     event["finish_reason"] = out.finish_reason
-                yield f"data: {json.dumps(event)}\n\n"
+                yield sse(event)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return event_stream(events(), lambda exc: [sse({"error": str(exc), "code": error_status(exc)})])
 
 
 def register(app: FastAPI, routes: GenerateRoutes) -> None:

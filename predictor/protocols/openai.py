@@ -7,7 +7,6 @@ rejected with a 400 that names it; errors use the OpenAI error body.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,9 +15,11 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..engine import EngineError, Sequence
 from ..generation import Completion, Generation
 from ..sampling import GenerationRequest, InvalidRequest, StepOutput, TokenLogprob
 from .schema import ChatCompletionRequest, CompletionRequest, parse
+from .sse import error_status, event_stream, sse
 
 PREFIXES = ("/openai/v1", "/v1")
 
@@ -27,10 +28,6 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     kind = {404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
     body = {"error": {"message": message, "type": kind.get(status, "invalid_request_error" if status < 500 else "server_error"), "param": param, "code": code}}
     return JSONResponse(status_code=status, content=body)
-
-
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 class OpenAIRoutes:
@@ -77,8 +74,9 @@ class OpenAIRoutes:
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _event_stream(self._completion_events(rid, body, jobs, prompt_token_total, include_usage))
-        results = await asyncio.gather(*(self.gen.complete(req) for _, req in jobs))
+            seqs = self.gen.submit_all([req for _, req in jobs])
+            return _event_stream(self._completion_events(rid, body, jobs, seqs, prompt_token_total, include_usage))
+        results = await self.gen.complete_all([req for _, req in jobs], request.is_disconnected)
         choices = []
         for (index, req), done in zip(jobs, results):
             text = done.text
@@ -97,11 +95,11 @@ class OpenAIRoutes:
             "usage": _usage(prompt_token_total, results),
         }
 
-    async def _completion_events(self, rid, body, jobs, prompt_tokens, include_usage) -> AsyncIterator[str]:
+    async def _completion_events(self, rid, body, jobs, seqs, prompt_tokens, include_usage) -> AsyncIterator[str]:
         created = int(time.time())
         generated = 0
         started: set[int] = set()
-        async for index, req, out in _merge(self.gen, jobs):
+        async for index, req, out in _merge(jobs, seqs):
             text = out.text
             if body.echo and index not in started:
                 text = self.gen.loaded.tokenizer.decode(req.prompt_ids, clean_up_tokenization_spaces=False) + text
@@ -161,8 +159,9 @@ class OpenAIRoutes:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _event_stream(self._chat_events(rid, jobs, len(ids), include_usage))
-        results = await asyncio.gather(*(self.gen.complete(req) for _, req in jobs))
+            seqs = self.gen.submit_all([req for _, req in jobs])
+            return _event_stream(self._chat_events(rid, jobs, seqs, len(ids), include_usage))
+        results = await self.gen.complete_all([req for _, req in jobs], request.is_disconnected)
         choices = [
             {
                 "index": index,
@@ -181,7 +180,7 @@ class OpenAIRoutes:
             "usage": _usage(len(ids), results),
         }
 
-    async def _chat_events(self, rid, jobs, prompt_tokens, include_usage) -> AsyncIterator[str]:
+    async def _chat_events(self, rid, jobs, seqs, prompt_tokens, include_usage) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list, **extra: Any) -> str:
@@ -190,7 +189,7 @@ class OpenAIRoutes:
         for index, _ in jobs:
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         generated = 0
-        async for index, req, out in _merge(self.gen, jobs):
+        async for index, req, out in _merge(jobs, seqs):
             generated += len(out.token_ids)
             delta = {"content": out.text} if out.text or out.finish_reason is None else {}
             logprobs = {"content": self._chat_logprobs(out.logprobs)} if req.params.logprobs is not None else None
@@ -223,23 +222,23 @@ def _usage(prompt_tokens: int, results: list[Completion]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _merge(gen: Generation, jobs: list[tuple[int, GenerationRequest]]) -> AsyncIterator[tuple[int, GenerationRequest, StepOutput]]:
+async def _merge(jobs: list[tuple[int, GenerationRequest]], seqs: list[Sequence]) -> AsyncIterator[tuple[int, GenerationRequest, StepOutput]]:
     """Interleave the output streams of several requests as they arrive; closing this cancels them all."""
     if len(jobs) == 1:
-        index, req = jobs[0]
-        async for out in gen.stream(req):
+        (index, req), seq = jobs[0], seqs[0]
+        async for out in seq.stream():
             yield index, req, out
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, req: GenerationRequest) -> None:
+    async def pump(index: int, req: GenerationRequest, seq: Sequence) -> None:
         try:
-            async for out in gen.stream(req):
+            async for out in seq.stream():
                 await queue.put((index, req, out))
         except Exception as exc:  # surfaced to the consumer below
             await queue.put(exc)
 
-    tasks = [asyncio.create_task(pump(index, req)) for index, req in jobs]
+    tasks = [asyncio.create_task(pump(index, req, seq)) for (index, req), seq in zip(jobs, seqs)]
     try:
         remaining = len(jobs)
         while remaining:
@@ -252,10 +251,15 @@ async def _merge(gen: Generation, jobs: list[tuple[int, GenerationRequest]]) -> 
     finally:
         for task in tasks:
             task.cancel()
+        for seq in seqs:
+            seq.cancel()
 
 
 def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def error_events(exc: EngineError) -> list[str]:
+        return [sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": error_status(exc)}}), sse("[DONE]")]
+
+    return event_stream(events, error_events)
 
 
 def register(app: FastAPI, routes: OpenAIRoutes) -> None:

@@ -6,7 +6,6 @@ to every instance; an instance's own fields override them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -48,5 +47,5 @@ async def predict(gen: Generation, payload: Any) -> dict:
             raise validation_error(exc) from None
         ids = gen.encode(prompt, param=f"instances.{i}")
         requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens))))
-    results = await asyncio.gather(*(gen.complete(r) for r in requests))
+    results = await gen.complete_all(requests)
     return {"predictions": [r.text for r in results]}

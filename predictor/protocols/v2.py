@@ -7,7 +7,6 @@ strings (``"0.7"``).
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -63,6 +62,6 @@ async def infer(gen: Generation, model_name: str, request: InferRequest) -> Infe
     for prompt in prompts:
         ids = gen.encode(prompt, param=INPUT_NAME)
         requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens))))
-    results = await asyncio.gather(*(gen.complete(r) for r in requests))
+    results = await gen.complete_all(requests)
     output = InferOutput(name=OUTPUT_NAME, shape=[len(results)], datatype="BYTES", data=[r.text for r in results])
     return InferResponse(model_name=model_name, infer_outputs=[output], response_id=request.id or uuid.uuid4().hex)
