@@ -6,7 +6,8 @@ gets logits out. Rows are the KV cache rows of ``kv_cache.py``: running sequence
 ``GPT2Runner`` is the fast path (GPT-2 family: the demo model, GPT-2 and its pruned, distilled or
 quantized variants). It calls the model's own modules for every projection, layer norm and MLP, so a
 quantized module works unchanged, and does attention itself over the preallocated cache with per-row
-positions and masks. ``HFRunner`` serves any other causal LM through its own ``forward`` and a cache per
+positions and masks. On CPU its projections are first prepacked for oneDNN (``packing.py``); the
+runner owns the model from then on. ``HFRunner`` serves any other causal LM through its own ``forward`` and a cache per
 sequence: correct, but its decode runs row by row.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from .kv_cache import KVCache
+from .packing import can_pack, pack_gpt2
 
 
 class ModelRunner(ABC):
@@ -61,6 +63,7 @@ class GPT2Runner(ModelRunner):
         if not dtype.is_floating_point:  # quantized weights: activations stay float32
             dtype = torch.float32
         self.cache = KVCache(cfg.n_layer, max_num_seqs, cfg.n_head, max_model_len, self.head_dim, dtype, device)
+        self.packed = pack_gpt2(model, max_num_seqs) if can_pack(device, dtype) else 0
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
@@ -89,8 +92,8 @@ class GPT2Runner(ModelRunner):
         for i, block in enumerate(self.tr.h):
             q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
             q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, T, D)
-            self.cache.k[i][row_idx, :, :T] = k
-            self.cache.v[i][row_idx, :, :T] = v
+            self.cache.k[i][row_idx, :T] = k.transpose(1, 2)  # cache rows are (T, H, D)
+            self.cache.v[i][row_idx, :T] = v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, D)
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
             x = x + block.mlp(block.ln_2(x))
@@ -114,10 +117,10 @@ class GPT2Runner(ModelRunner):
         for i, block in enumerate(self.tr.h):
             q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
             q = self._split_heads(q)  # (B, H, 1, D)
-            ck, cv = self.cache.k[i], self.cache.v[i]
-            ck[rows, :, pos] = k.view(B, self.n_head, self.head_dim)  # write in place at each row's position
-            cv[rows, :, pos] = v.view(B, self.n_head, self.head_dim)
-            y = F.scaled_dot_product_attention(q, ck[:B, :, :L], cv[:B, :, :L], attn_mask=mask)  # (B, H, 1, D)
+            self.cache.write(i, rows, pos, k.view(B, self.n_head, self.head_dim), v.view(B, self.n_head, self.head_dim))
+            keys = self.cache.k[i][:B, :L].transpose(1, 2)  # (B, H, L, D), a view
+            values = self.cache.v[i][:B, :L].transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, D)
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
             x = x + block.mlp(block.ln_2(x))
         return self.model.lm_head(self.tr.ln_f(x))[:, 0].float()  # (B, V)

@@ -1,0 +1,1 @@
+"""Measured comparisons: the serving benchmark (``python -m benchmarks.serving``)."""
