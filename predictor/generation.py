@@ -134,6 +134,7 @@ class Generation:
         finally:
             if not work.done():
                 work.cancel()
+                work.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     def token_text(self, token_id: int) -> str:
         return self.loaded.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)

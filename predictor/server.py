@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import kserve
@@ -110,12 +112,16 @@ class DrainingModelServer(kserve.ModelServer):
         self.draining = False
 
     def register_signal_handler(self) -> None:
-        """Replaced by ``install_signal_handlers``, which runs once the event loop serves."""
+        """Replaced by ``lifespan``, which installs the handlers once the event loop serves."""
 
-    async def install_signal_handlers(self) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app) -> AsyncIterator[None]:
+        """Install the drain on SIGTERM/SIGINT once uvicorn serves (it installs its own handlers first)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda sig=sig: asyncio.ensure_future(self.drain(sig)))
+        logger.info("SIGTERM drains for up to %gs (--shutdown_grace_period)", self.drain_grace_period)
+        yield
 
     async def ready(self) -> JSONResponse:
         ready = self.model.ready and not self.draining
@@ -181,4 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
     # KServe logs "OpenAI endpoints not registered" about its own vLLM-based routes; these are ours.
     logger.info("OpenAI routes on /v1 and /openai/v1; V2 generate on /v2/models/%s/generate[_stream]", args.model_name)
-    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, enable_grpc=args.enable_grpc).start([model])
+    server = DrainingModelServer(model, args.shutdown_grace_period, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
+    app.add_api_route("/v2/health/ready", server.ready, methods=["GET"])  # before KServe's: false while draining
+    app.router.lifespan_context = server.lifespan
+    server.start([model])

@@ -22,6 +22,10 @@ from transformers import DynamicCache, PreTrainedModel
 from .kv_cache import KVCache
 from .packing import can_pack, pack_gpt2
 
+# Prefill lengths are padded up to a multiple of this, so that oneDNN meets few distinct shapes: each new
+# shape builds (and caches) new kernels, and unbounded shape variety would grow memory with traffic.
+PREFILL_BUCKET = 16
+
 
 class ModelRunner(ABC):
     @abstractmethod
@@ -83,7 +87,7 @@ class GPT2Runner(ModelRunner):
     @torch.inference_mode()
     def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
         lengths = [len(p) for p in prompts]
-        T = max(lengths)
+        T = min(-(-max(lengths) // PREFILL_BUCKET) * PREFILL_BUCKET, self.cache.max_len)
         padded = [p + [0] * (T - len(p)) for p in prompts]  # right padding: causal attention never sees it
         input_ids = torch.tensor(padded, device=self.device)  # (N, T)
         positions = torch.arange(T, device=self.device).expand(len(prompts), T)
