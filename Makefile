@@ -9,7 +9,7 @@ MODEL_NAME ?= demo
 # torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install serve test demo-model lint clean
+.PHONY: install serve test demo-model bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ serve: demo-model
 
 test: install
 	$(PY) -m pytest
+
+bench: install
+	$(PY) -m benchmarks.serving
 
 lint: install
 	$(VENV)/bin/ruff check predictor pipelines tests

@@ -255,3 +255,28 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tiny_model_dir, tmp_p
     assert [r.status_code for r in done] == [200] * 16
     assert all(r.json()["usage"]["completion_tokens"] == 100 for r in done)
     assert srv.process.wait(timeout=60) == 0
+
+
+def test_cancelled_grpc_calls_free_their_slots(server):
+    async def one(client: InferenceGRPCClient, i: int):
+        tensor = InferInput(name="text_input", shape=[1], datatype="BYTES")
+        tensor.set_data_from_numpy(np.array([prompt(i).encode()], dtype=object))
+        request = InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor], parameters={"max_tokens": 100, "ignore_eos": True})
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.infer(request, timeout=0.05)  # the client gives up: the call is cancelled
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def run() -> None:
+        client = InferenceGRPCClient(f"127.0.0.1:{server.grpc_port}", timeout=30)
+        try:
+            await asyncio.gather(*(one(client, i) for i in range(24)))
+        finally:
+            await client.close()
+
+    generated_before = metric(server.url, "vllm:generation_tokens_total")
+    asyncio.run(run())
+    deadline = time.monotonic() + 1.0
+    while metric(server.url, "vllm:num_requests_running") + metric(server.url, "vllm:num_requests_waiting") > 0:
+        assert time.monotonic() < deadline, "cancelled gRPC calls still hold slots after 1 s"
+        time.sleep(0.05)
+    assert metric(server.url, "vllm:generation_tokens_total") - generated_before < 24 * 100
