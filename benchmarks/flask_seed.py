@@ -24,9 +24,15 @@ def create_app(model_dir: str) -> Flask:
         ids = torch.tensor([body["prompt"]])
         n = int(body.get("max_tokens", 16))
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n if body.get("ignore_eos") else 0,
-                                 do_sample=False, pad_token_id=model.config.eos_token_id)
-        generated = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n if body.get("ignore_eos") else 0,
+                do_sample=False,
+                pad_token_id=model.config.eos_token_id,
+            )
+        generated = out[0, ids.shape[1] :].tolist()
         return jsonify({"choices": [{"index": 0, "token_ids": generated}], "usage": {"completion_tokens": len(generated)}})
 
     @app.get("/health")

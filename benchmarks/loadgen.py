@@ -77,9 +77,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
         result.errors += 1
 
 
-async def run_load(
-    name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int, rounds: int, stream: bool = True
-) -> RunResult:
+async def run_load(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int, rounds: int, stream: bool = True) -> RunResult:
     """``concurrency`` clients, each sending ``rounds`` requests back to back; prompts are used in turn."""
     result = RunResult(name, concurrency, concurrency * rounds, 0, 0.0, 0)
     timeout = httpx.Timeout(3600.0)

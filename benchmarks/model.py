@@ -32,8 +32,9 @@ def build(path: Path) -> None:
     if missing > 0:
         tokenizer.add_tokens([AddedToken(f"<|fill{i}|>", special=False) for i in range(missing)])
     torch.manual_seed(SEED)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=1024, n_embd=768, n_layer=12, n_head=12, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -46,8 +46,9 @@ def static_batch(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> 
 def flask_seed(model_dir: Path, prompts, max_tokens: int, concurrency: int, log_dir: Path) -> RunResult:
     port = free_port()
     log = (log_dir / "flask.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.flask_seed", "--model_dir", str(model_dir), "--port", str(port)],
-                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.flask_seed", "--model_dir", str(model_dir), "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -139,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         print("predictor ...", flush=True)
         rows += predictor_runs(model_dir, prompts, args.max_tokens, args.concurrency, log_dir, max_len)
     summaries = [r.summary() for r in rows]
-    settings = {"prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    settings = {
+        "prompt_len": args.prompt_len,
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
     table = report(summaries, static, direct, args.concurrency, settings)
     (args.out / "serving.json").write_text(json.dumps({"settings": settings, "static_batch": static, "direct_generate": direct, "runs": summaries}, indent=2))
     (args.out / "serving.md").write_text(table + "\n")

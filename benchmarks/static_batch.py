@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 def measure(model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.tensor(prompts)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                  pad_token_id=model.config.eos_token_id)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=model.config.eos_token_id
+    )
     with torch.no_grad():
         model.generate(ids[:, :4], **{**kwargs, "attention_mask": torch.ones_like(ids[:, :4]), "max_new_tokens": 2, "min_new_tokens": 2})
         start = time.perf_counter()

@@ -48,8 +48,20 @@ def start_server(model_dir: Path, log_dir: Path, *args: str, name: str = "model"
     """Run the predictor on ``model_dir`` with extra ``args``; raises with the log's tail if it does not become ready."""
     http_port, grpc_port = free_port(), free_port()
     log = Path(log_dir) / f"server-{http_port}.log"
-    cmd = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", name,
-           "--http_port", str(http_port), "--grpc_port", str(grpc_port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "predictor",
+        "--model_dir",
+        str(model_dir),
+        "--model_name",
+        name,
+        "--http_port",
+        str(http_port),
+        "--grpc_port",
+        str(grpc_port),
+        *args,
+    ]
     process = subprocess.Popen(cmd, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(process, http_port, grpc_port, log)
     deadline = time.monotonic() + timeout

@@ -74,7 +74,7 @@ def test_overload_gets_429_never_5xx_and_server_recovers(small_server):
     responses = asyncio.run(run())
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
-    assert statuses.count(200) >= 34 and statuses.count(429) >= 1
+    assert statuses.count(200) >= 32 and statuses.count(429) >= 1  # at least a full queue is served
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["type"] == "rate_limit_error"
@@ -124,11 +124,13 @@ def test_disconnected_streams_free_their_slots(server):
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=60)) as client:
             await asyncio.gather(*(stream_then_leave(client, i) for i in range(50)))
 
+    generated_before = metric(url, "vllm:generation_tokens_total")
     asyncio.run(run())
     deadline = time.monotonic() + 1.0
     while metric(url, "vllm:num_requests_running") + metric(url, "vllm:num_requests_waiting") > 0:
         assert time.monotonic() < deadline, "cancelled requests still hold slots after 1 s"
         time.sleep(0.05)
+    assert metric(url, "vllm:generation_tokens_total") - generated_before < 50 * 100  # they did not run to the end
 
 
 def test_disconnected_non_streaming_request_is_cancelled(server):
@@ -261,7 +263,7 @@ def test_cancelled_grpc_calls_free_their_slots(server):
     async def one(client: InferenceGRPCClient, i: int):
         tensor = InferInput(name="text_input", shape=[1], datatype="BYTES")
         tensor.set_data_from_numpy(np.array([prompt(i).encode()], dtype=object))
-        request = InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor], parameters={"max_tokens": 100, "ignore_eos": True})
+        request = InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor], parameters={"max_tokens": 90, "ignore_eos": True})
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.infer(request, timeout=0.05)  # the client gives up: the call is cancelled
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -279,4 +281,4 @@ def test_cancelled_grpc_calls_free_their_slots(server):
     while metric(server.url, "vllm:num_requests_running") + metric(server.url, "vllm:num_requests_waiting") > 0:
         assert time.monotonic() < deadline, "cancelled gRPC calls still hold slots after 1 s"
         time.sleep(0.05)
-    assert metric(server.url, "vllm:generation_tokens_total") - generated_before < 24 * 100
+    assert metric(server.url, "vllm:generation_tokens_total") - generated_before < 24 * 90

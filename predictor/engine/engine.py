@@ -92,6 +92,11 @@ class Sequence:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
+def _deliver(items: list[tuple[Sequence, StepOutput]]) -> None:
+    for seq, item in items:
+        seq.outputs.put_nowait(item)
+
+
 class Engine:
     """Owns the model thread. ``submit`` (or ``generate``) is the only way in."""
 
@@ -283,14 +288,19 @@ class Engine:
         )
         now = time.monotonic()
         finished = []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, StepOutput]]] = {}
         for seq, token, logprob in zip(batch, tokens, logprobs):
-            if self._advance(seq, token, logprob, now):
+            out = self._advance(seq, token, logprob, now)
+            by_loop.setdefault(seq.loop, []).append((seq, out))
+            if out.finish_reason is not None:
                 finished.append(seq)
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per token
+            loop.call_soon_threadsafe(_deliver, items)
         for seq in finished:
             self._remove(seq)
 
-    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> bool:
-        """Record one sampled token and emit its text; True when the sequence is finished."""
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> StepOutput:
+        """Record one sampled token; return its output (``finish_reason`` set when the sequence ends)."""
         params = seq.request.params
         seq.output_ids.append(token)
         seq.pending = token
@@ -310,22 +320,20 @@ class Engine:
                 finish = "stop"
             elif len(seq.output_ids) >= params.max_tokens or seq.length + 1 >= self.loaded.max_model_len:
                 text, finish = text + seq.detok.flush(), "length"
-        seq.emit(
-            StepOutput(
-                text=text,
-                token_ids=[token],
-                logprobs=None if logprob is None else [logprob],
-                finish_reason=finish,
-                prompt_logprobs=seq.prompt_logprobs,
-                num_prompt_tokens=len(seq.request.prompt_ids),
-                num_generated_tokens=len(seq.output_ids),
-            )
+        out = StepOutput(
+            text=text,
+            token_ids=[token],
+            logprobs=None if logprob is None else [logprob],
+            finish_reason=finish,
+            prompt_logprobs=seq.prompt_logprobs,
+            num_prompt_tokens=len(seq.request.prompt_ids),
+            num_generated_tokens=len(seq.output_ids),
         )
         seq.prompt_logprobs = None
         if finish is not None and self.metrics:
             self.metrics.e2e.observe(now - seq.arrival)
             self.metrics.success(finish)
-        return finish is not None
+        return out
 
     def _remove(self, seq: Sequence) -> None:
         """Free the sequence's row; the last running row moves into it to keep rows contiguous."""
