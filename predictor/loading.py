@@ -1,5 +1,8 @@
 """Load a causal LM and its tokenizer from a model directory: the one place models are loaded.
 
+The directory says what it is: a Hugging Face model (safetensors), an int8 model (``quantization.json``,
+see ``quantized.py``) or an ONNX model (``onnx.json``, see ``onnx_model.py``).
+
 Safetensors only by default: pickle weights (``pytorch_model.bin``) can execute code when loaded, so a
 directory that has only those is refused unless the caller opts in.
 """
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import onnx_model, quantized
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ def check_weights(model_dir: Path, allow_pickle: bool) -> None:
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     files = [p.name for p in model_dir.iterdir() if p.is_file()]
-    if any(name.endswith(".safetensors") for name in files):
+    if any(name.endswith((".safetensors", ".onnx")) for name in files):
         return
     pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
     if not pickles:
@@ -96,17 +101,29 @@ def load_model(
     check_weights(model_dir, allow_pickle)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    onnx = onnx_model.is_onnx_dir(model_dir)
+    int8 = quantized.is_int8_dir(model_dir)
+    if int8 or onnx:
+        if device == "cuda" or dtype not in ("auto", "float32"):
+            raise ModelLoadError(f"{model_dir} is an int8 or ONNX model: it runs on CPU with float32 activations only")
+        torch_device, torch_dtype = torch.device("cpu"), torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=not allow_pickle,
-        )
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if onnx:
+            model = onnx_model.OnnxModel(model_dir)
+        elif int8:
+            model = quantized.load(model_dir, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=not allow_pickle,
+            )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot load the model in {model_dir}: {exc}") from exc
-    model.to(torch_device).eval()
+    if not onnx:
+        model.to(torch_device).eval()
     limit = _context_length(model)
     if max_model_len is None:
         max_model_len = limit

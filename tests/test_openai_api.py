@@ -60,12 +60,17 @@ def test_ignore_eos_and_min_tokens(client, tokenizer):
 
 
 def test_stop_string_is_trimmed(client):
-    full = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    candidates = ["A class definition", "x", PROMPT, "Exceptions are", "import"]
+    for prompt in candidates:  # a prompt for which the tiny model writes some visible text
+        full = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+        if len(full.strip()) >= 3:
+            break
+    else:
+        pytest.fail("the tiny model wrote no visible text for any candidate prompt")
     stripped = full.strip()
-    assert len(stripped) >= 2, f"tiny model produced too little text to test stop strings: {full!r}"
-    stop = stripped[1:3] if len(stripped) >= 3 else stripped[1:]
+    stop = stripped[1:3]
     cut = full.index(stop)
-    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
     assert r.choices[0].text == full[:cut]
     assert r.choices[0].finish_reason == "stop"
 

@@ -8,17 +8,20 @@ quantized variants). It calls the model's own modules for every projection, laye
 quantized module works unchanged, and does attention itself over the preallocated cache with per-row
 positions and masks. On CPU its projections are first prepacked for oneDNN (``packing.py``); the
 runner owns the model from then on. ``HFRunner`` serves any other causal LM through its own ``forward`` and a cache per
-sequence: correct, but its decode runs row by row.
+sequence: correct, but its decode runs row by row. ``OnnxRunner`` runs an exported graph with ONNX
+Runtime (``predictor.onnx_model``), also row by row.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from ..onnx_model import OnnxModel
 from .kv_cache import KVCache
 from .packing import can_pack, pack_gpt2
 
@@ -49,7 +52,9 @@ class ModelRunner(ABC):
         return 0.0
 
 
-def make_runner(model: PreTrainedModel, max_num_seqs: int, max_model_len: int, device: torch.device) -> ModelRunner:
+def make_runner(model: PreTrainedModel | OnnxModel, max_num_seqs: int, max_model_len: int, device: torch.device) -> ModelRunner:
+    if isinstance(model, OnnxModel):
+        return OnnxRunner(model)
     if GPT2Runner.supports(model):
         return GPT2Runner(model, max_num_seqs, max_model_len, device)
     return HFRunner(model, device)
@@ -171,3 +176,40 @@ class HFRunner(ModelRunner):
 
     def release(self, row: int) -> None:
         self.caches.pop(row, None)
+
+
+class OnnxRunner(ModelRunner):
+    """An ONNX Runtime session; each row keeps its own cache arrays (with the placeholder position 0)."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
+        out = []
+        for row, prompt, every in zip(rows, prompts, all_logits):
+            T = len(prompt)
+            keys, values = self.model.empty_cache(1)
+            mask = np.ones((1, T + 1), dtype=np.int64)
+            mask[0, 0] = 0
+            logits, keys, values = self.model.run(np.array([prompt]), np.arange(T)[None], mask, keys, values)
+            self.rows[row] = (keys, values)
+            out.append(torch.from_numpy(logits[0] if every else logits[0, -1:]).float())
+        return out
+
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        out = []
+        for b, (token, length) in enumerate(zip(tokens, lengths)):
+            keys, values = self.rows[b]
+            mask = np.ones((1, length + 2), dtype=np.int64)  # placeholder + length cached + the new token
+            mask[0, 0] = 0
+            logits, keys, values = self.model.run(np.array([[token]]), np.array([[length]]), mask, keys, values)
+            self.rows[b] = (keys, values)
+            out.append(torch.from_numpy(logits[0, -1]))
+        return torch.stack(out).float()
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.rows[dst] = self.rows.pop(src)
+
+    def release(self, row: int) -> None:
+        self.rows.pop(row, None)

@@ -1,0 +1,197 @@
+"""Evaluate model variants the same way: quality, speed, size and memory, as JSON, Markdown and a PNG chart.
+
+Every model is measured in its own fresh process (so peak resident memory is its own), loaded with the
+predictor's loader and run with the predictor's runner, so the numbers are those of serving:
+- perplexity: exp(token-weighted mean cross-entropy) on held-out text, with a sliding window (stride half
+  the context) for text longer than the context; each token is scored once, with as much context as the
+  window gives it;
+- decode tokens/s at batch 1 and 16 (greedy, up to 128 tokens after a 16-token prompt, median of 3
+  runs), and time to first token (prefill of that prompt plus the first token, median of 5);
+- bytes on disk, parameter count (int8 weights counted like float ones), peak resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+METRICS = ("model", "perplexity", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch16", "ttft_s", "bytes_on_disk", "parameters", "peak_rss_bytes")
+PROMPT_TOKENS = 16
+DECODE_TOKENS = 128
+REPEATS = 3  # speeds are the median of this many runs
+
+
+def bytes_on_disk(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+
+
+def count_parameters(model) -> int:
+    if hasattr(model, "parameter_count"):  # an ONNX model: its initializers
+        return model.parameter_count()
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if hasattr(module, "weight") and callable(module.weight):  # dynamic int8 Linear: weights are packed, not parameters
+            total += module.weight().numel() + (0 if module.bias() is None else module.bias().numel())
+    return total
+
+
+@torch.inference_mode()
+def perplexity(runner, ids: list[int], context: int) -> float:
+    """Sliding-window perplexity with the runner's prefill (all logits). ids: the whole held-out text."""
+    stride = max(1, context // 2)
+    nll, counted, scored_until = 0.0, 0, 1  # token 0 has no context and is never scored
+    for start in range(0, max(1, len(ids) - 1), stride):
+        window = ids[start : start + context]
+        if len(window) < 2:
+            break
+        (logits,) = runner.prefill([0], [window], [True])  # (len(window), V)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        first = max(scored_until - start, 1)  # score only tokens not scored by an earlier window
+        targets = torch.tensor(window[first:])
+        nll -= logprobs[first - 1 : len(window) - 1].gather(1, targets[:, None]).sum().item()
+        counted += len(targets)
+        scored_until = start + len(window)
+        if scored_until >= len(ids):
+            break
+    return math.exp(nll / counted)
+
+
+@torch.inference_mode()
+def decode_speed(runner, prompt: list[int], batch: int, tokens: int) -> float:
+    rows = list(range(batch))
+    logits = torch.stack([x[-1] for x in runner.prefill(rows, [prompt] * batch, [False] * batch)])
+    lengths = [len(prompt)] * batch
+    start = time.perf_counter()
+    for _ in range(tokens):
+        next_ids = logits.argmax(-1).tolist()
+        logits = runner.decode(next_ids, lengths)
+        lengths = [n + 1 for n in lengths]
+    return batch * tokens / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def time_to_first_token(runner, prompt: list[int]) -> float:
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        (logits,) = runner.prefill([0], [prompt], [False])
+        int(logits[-1].argmax())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure(model_dir: str, text: str) -> dict:
+    """All metrics of one model (run this in a fresh process for an honest peak RSS)."""
+    from predictor.engine.runner import make_runner
+    from predictor.loading import load_model
+
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    parameters = count_parameters(loaded.model)  # before the runner repacks the weights
+    runner = make_runner(loaded.model, 16, loaded.max_model_len, loaded.device)
+    prompt = ids[:PROMPT_TOKENS]
+    tokens = min(DECODE_TOKENS, loaded.max_model_len - PROMPT_TOKENS - 1)
+    decode_speed(runner, prompt, 1, 4)  # warm-up
+    result = {
+        "model": str(model_dir),
+        "perplexity": perplexity(runner, ids, loaded.max_model_len),
+        "decode_tokens_per_s_batch1": statistics.median(decode_speed(runner, prompt, 1, tokens) for _ in range(REPEATS)),
+        "decode_tokens_per_s_batch16": statistics.median(decode_speed(runner, prompt, 16, tokens) for _ in range(REPEATS)),
+        "ttft_s": time_to_first_token(runner, prompt),
+        "bytes_on_disk": bytes_on_disk(Path(model_dir)),
+        "parameters": parameters,
+        "held_out_tokens": len(ids),
+    }
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def _child(model_dir: str, text: str, queue: multiprocessing.Queue) -> None:
+    try:
+        queue.put(measure(model_dir, text))
+    except Exception as exc:  # reported by the parent with the model's name
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_in_fresh_process(model_dir: str, text: str) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(model_dir, text, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise RuntimeError(f"evaluating {model_dir}: {result['error']}")
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    base = results[0]
+    lines = [
+        "| model | perplexity | Δ perplexity | decode tok/s b=1 | × | decode tok/s b=16 | × | TTFT ms | MB on disk | parameters | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {Path(r['model']).name} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | "
+            f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch1'] / base['decode_tokens_per_s_batch1']:.2f} | "
+            f"{r['decode_tokens_per_s_batch16']:.1f} | {r['decode_tokens_per_s_batch16'] / base['decode_tokens_per_s_batch16']:.2f} | "
+            f"{1000 * r['ttft_s']:.1f} | {r['bytes_on_disk'] / 1e6:.1f} | {r['parameters'] / 1e6:.2f} M | {r['peak_rss_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines) + f"\n\nΔ and × are relative to the first model, `{Path(base['model']).name}`.\n"
+
+
+def chart(results: list[dict], path: Path) -> None:
+    """Quality against speed; marker area is size on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    biggest = max(r["bytes_on_disk"] for r in results)
+    for r in results:
+        ax.scatter(r["decode_tokens_per_s_batch1"], r["perplexity"], s=80 + 1500 * r["bytes_on_disk"] / biggest, alpha=0.6)
+        ax.annotate(
+            f"{Path(r['model']).name}\n{r['bytes_on_disk'] / 1e6:.1f} MB",
+            (r["decode_tokens_per_s_batch1"], r["perplexity"]),
+            textcoords="offset points",
+            xytext=(8, 8),
+            fontsize=8,
+        )
+    ax.set_xlabel("decode tokens/s, batch 1 (higher is better)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("Model variants: quality vs speed (marker area: size on disk)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(models: list[str], text_file: str | Path, output_dir: str | Path, progress: bool = True) -> list[dict]:
+    """Measure every model on the text in ``text_file``; write report.json, report.md and report.png."""
+    from tqdm.auto import tqdm
+
+    text_path = Path(text_file)
+    if not text_path.is_file():
+        raise FileNotFoundError(f"text file not found: {text_path}")
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    if len(text.split()) < 8:
+        raise ValueError(f"{text_path} is too short to evaluate on")
+    for model in models:
+        if not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"not a model directory: {model}")
+    results = [measure_in_fresh_process(m, text) for m in tqdm(models, desc="evaluate", disable=not progress)]
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(results, indent=2))
+    (output / "report.md").write_text(markdown(results))
+    chart(results, output / "report.png")
+    return results
