@@ -109,8 +109,20 @@ def measure(model_dir: str, text: str) -> dict:
         "parameters": parameters,
         "held_out_tokens": len(ids),
     }
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM belongs to the address space and starts afresh at
+    exec; ``ru_maxrss`` would carry over the peak of the parent that forked this process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(model_dir: str, text: str, queue: multiprocessing.Queue) -> None:
