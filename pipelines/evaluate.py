@@ -169,7 +169,7 @@ def chart(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     biggest = max(r["bytes_on_disk"] for r in results)
-    for r in results:
+    for i, r in enumerate(results):
         ax.scatter(r["decode_tokens_per_s_batch1"], r["perplexity"], s=80 + 1500 * r["bytes_on_disk"] / biggest, alpha=0.6)
         ax.annotate(
             f"{Path(r['model']).name}\n{r['bytes_on_disk'] / 1e6:.1f} MB",

@@ -134,12 +134,7 @@ def train_lm(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         batch = batches(train_ids, config.seq_len, config.batch_size, generator)
-        loss = _loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(round(loss.item(), 4))
+        losses.append(optimizer_step(model, optimizer, _loss(model, batch)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _save_checkpoint(model, optimizer, step + 1, losses, checkpoint)
@@ -150,6 +145,15 @@ def train_lm(
     result = {"steps": len(losses), "train_loss": losses, "held_out_loss": held_out_loss(model, held_out_ids, config.seq_len)}
     result["held_out_perplexity"] = math.exp(result["held_out_loss"])
     return result
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """Backward, clip the gradient norm to 1, step; returns the loss rounded for the loss curve."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return round(loss.item(), 4)
 
 
 def _loss(model: GPT2LMHeadModel, batch: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from predictor.loading import LoadedModel, ModelLoadError, load_model
 
 from ..corpus import demo_corpus, read_corpus, split_documents
-from ..train import batches, held_out_loss, tokenize
+from ..train import batches, held_out_loss, optimizer_step, tokenize
 from . import OptimizationError, copy_tokenizer
 
 
@@ -108,11 +108,7 @@ def distill(
             teacher_logits = teacher(input_ids=inputs).logits.flatten(0, 1)
         student_logits = student_model(input_ids=inputs).logits.flatten(0, 1)
         loss = distill_loss(student_logits, teacher_logits, labels.flatten(), temperature, alpha)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student_model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(round(loss.item(), 4))
+        losses.append(optimizer_step(student_model, optimizer, loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     student_model.eval()
     loss_after = held_out_loss(student_model, held_ids, seq_len)
