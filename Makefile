@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) tools/install_k8s_tools.py $(VENV)/bin
 	touch $(STAMP)
 
 install: $(STAMP)
