@@ -223,3 +223,12 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
     text = (REPO / "images" / "Dockerfile").read_text()
     assert "USER 1000" in text and 'ENTRYPOINT ["python", "-m", "predictor"]' in text
+
+
+def test_readme_values_table_is_current():
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from values_table import table
+
+    assert table(CHART / "values.yaml") in (REPO / "README.md").read_text()
