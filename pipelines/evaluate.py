@@ -175,7 +175,7 @@ def chart(results: list[dict], path: Path) -> None:
             f"{Path(r['model']).name}\n{r['bytes_on_disk'] / 1e6:.1f} MB",
             (r["decode_tokens_per_s_batch1"], r["perplexity"]),
             textcoords="offset points",
-            xytext=(8, 8),
+            xytext=(8, 8 if i % 2 == 0 else -22),  # alternate, so neighbours do not overlap
             fontsize=8,
         )
     ax.set_xlabel("decode tokens/s, batch 1 (higher is better)")
