@@ -232,3 +232,38 @@ def test_readme_values_table_is_current():
     from values_table import table
 
     assert table(CHART / "values.yaml") in (REPO / "README.md").read_text()
+
+
+def test_monitoring_dashboard_and_helm_test_pod():
+    docs = render("-f", str(CHART / "ci" / "keda-values.yaml"))
+    (monitor,) = by_kind(docs, "PodMonitor")
+    isvc = by_kind(docs, "InferenceService")[0]
+    assert monitor["spec"]["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    (dashboard,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    panels = json.loads(dashboard["data"]["kserve-llm.json"])["panels"]
+    queries = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for metric in (
+        "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total",
+    ):
+        assert metric in queries, metric
+    (test_pod,) = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    script = test_pod["spec"]["containers"][0]["args"][0]
+    assert "/v1/models" in script and "/v1/completions" in script and '"stream": True' in script
+    compile(script, "smoke_test.py", "exec")
+
+
+def test_helm_test_script_passes_against_the_real_server(server):
+    import sys
+
+    from conftest import MODEL_NAME
+
+    env = {**os.environ, "BASE_URL": server.url, "MODEL_NAME": MODEL_NAME}
+    result = subprocess.run([sys.executable, str(CHART / "files" / "smoke_test.py")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok:" in result.stdout

@@ -1,0 +1,22 @@
+"""helm test: the deployed service answers /v1/models, a completion and a streaming chat completion."""
+
+import json
+import os
+import sys
+
+import httpx
+
+base, model = os.environ["BASE_URL"], os.environ["MODEL_NAME"]
+with httpx.Client(base_url=base, timeout=120) as client:
+    models = client.get("/v1/models").raise_for_status().json()
+    assert model in [m["id"] for m in models["data"]], models
+    completion = client.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 8}).raise_for_status().json()
+    assert completion["usage"]["completion_tokens"] >= 1, completion
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        stream.raise_for_status()
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    assert all("choices" in json.loads(e) for e in events[:-1])
+print("ok: /v1/models, completion, streaming chat completion")
+sys.exit(0)
