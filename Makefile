@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# checkov pins its own dependency versions: it gets a virtual environment of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := checkov==3.3.30
 HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 MODEL_NAME ?= demo
@@ -19,6 +22,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) tools/install_k8s_tools.py $(VENV)/bin
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q "$(CHECKOV)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,4 +45,4 @@ lint: install
 	$(VENV)/bin/ruff check predictor pipelines tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache

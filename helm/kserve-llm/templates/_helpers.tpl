@@ -78,7 +78,7 @@ serving.kserve.io/inferenceservice: {{ include "kserve-llm.fullname" . }}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 runAsNonRoot: true
-runAsUser: 1000
+runAsUser: 10001
 capabilities:
   drop: [ALL]
 seccompProfile:
