@@ -43,3 +43,15 @@ def test_overlay_equals_the_chart_with_its_values(overlay):
         assert built[key] == chart[key], f"{overlay.name}: {key} differs from the chart's render"
     for doc in built.values():
         validate(doc)
+
+
+def test_pipeline_rbac_validates_and_grants_only_inferenceservice_verbs():
+    docs = keyed(kustomize(REPO / "manifests" / "rbac"))
+    for doc in docs.values():
+        validate(doc)
+    role = docs[("Role", "kserve-llm-deployer")]
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert {g for g, _, _ in granted} == {"serving.kserve.io"}
+    assert {v for _, _, v in granted} <= {"get", "watch", "create", "patch"}  # no delete, no list across the namespace
+    binding = docs[("RoleBinding", "kserve-llm-deployer")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kserve-llm-deployer"}]
