@@ -285,3 +285,12 @@ def test_checkov_finds_no_failed_check(framework, directory):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "Failed checks: 0" in result.stdout or not result.stdout.strip()
+
+
+def test_hpa_scales_on_utilisation_with_a_scale_down_window():
+    isvc = by_kind(render("-f", str(CHART / "ci" / "pvc-hpa-values.yaml")), "InferenceService")[0]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
+    scaling = isvc["spec"]["predictor"]["autoScaling"]
+    assert scaling["metrics"][0]["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
+    assert scaling["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert (isvc["spec"]["predictor"]["minReplicas"], isvc["spec"]["predictor"]["maxReplicas"]) == (2, 6)
