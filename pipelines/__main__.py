@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo_model import ensure_demo_model, is_built, model_path
 
         if not is_built(model_path()):
-            print("Building the demo model (about 2 minutes on 2 cores, once; cached afterwards)...", file=sys.stderr)
+            print("Building the demo model (about 2.5 minutes on 2 cores, once; cached afterwards)...", file=sys.stderr)
         print(ensure_demo_model(progress=not args.quiet))
     elif args.command == "optimize":
         from .optimize import OptimizationError, optimize
