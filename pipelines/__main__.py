@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quiet", action="store_true", help="No progress bar.")
 
     opt = commands.add_parser("optimize", help="Make an optimized variant of a model directory.")
-    opt.add_argument("--method", required=True, choices=["int8", "prune", "distill", "onnx", "onnx-int8"])
+    opt.add_argument("--method", required=True, choices=["int8", "prune", "distill", "onnx", "onnx-int8", "cast"])
     opt.add_argument("--input", required=True, help="Hugging Face model directory.")
     opt.add_argument("--output", required=True, help="New directory for the variant (with optimization.json).")
     opt.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("--steps", type=int, default=300, help="distill: training steps.")
     opt.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature T.")
     opt.add_argument("--alpha", type=float, default=0.5, help="distill: weight of the soft (KL) term.")
+    opt.add_argument("--dtype", default="bfloat16", help="cast: bfloat16 or float16 weights (for GPUs).")
 
     ev = commands.add_parser("evaluate", help="Measure models on held-out text: report.json, report.md, report.png.")
     ev.add_argument("--model", action="append", required=True, help="Model directory (repeat; the first is the baseline).")
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             "distill": dict(
                 student_layers=args.student_layers, student=args.student, steps=args.steps, temperature=args.temperature, alpha=args.alpha, text=args.text
             ),
+            "cast": dict(dtype=args.dtype),
         }.get(args.method, {})
         try:
             report = optimize(args.method, args.input, args.output, overwrite=args.overwrite, **options)

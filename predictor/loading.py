@@ -62,11 +62,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (half-precision matmuls are slow or unsupported there), bfloat16 on CUDA."""
+def resolve_dtype(dtype: str, device: torch.device, saved: str | None = None) -> torch.dtype:
+    """``auto``: float32 on CPU (half-precision matmuls are slow there); on CUDA the saved half dtype
+    (float16 if the model was saved so), else bfloat16."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if saved == "float16" else torch.bfloat16
     return DTYPES[dtype]
+
+
+def saved_dtype(model_dir: Path) -> str | None:
+    """The dtype a Hugging Face config says the weights were saved in (``dtype``, or the older ``torch_dtype``)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def check_weights(model_dir: Path, allow_pickle: bool) -> None:
@@ -100,7 +112,7 @@ def load_model(
     model_dir = Path(model_dir)
     check_weights(model_dir, allow_pickle)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device, saved_dtype(model_dir))
     onnx = onnx_model.is_onnx_dir(model_dir)
     int8 = quantized.is_int8_dir(model_dir)
     if int8 or onnx:

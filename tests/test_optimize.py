@@ -164,3 +164,19 @@ def test_bad_input_is_refused_and_leaves_nothing_behind(tiny_model_dir, tmp_path
         optimize("fp4", tiny_model_dir, tmp_path / "y")
     result = cli("evaluate", "--model", str(tmp_path / "missing"), "--text", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "r"))
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_cast_to_bfloat16_halves_the_weights_and_is_served(tiny_model_dir, tmp_path):
+    report = optimize("cast", tiny_model_dir, tmp_path / "bf16", dtype="bfloat16")
+    assert report["all_parameters"] and report["weight_bytes_after"] * 2 == report["weight_bytes_before"]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tiny_model_dir / "model.safetensors").stat().st_size
+    with pytest.raises(OptimizationError, match="--dtype"):
+        optimize("cast", tiny_model_dir, tmp_path / "fp8", dtype="float8")
+    assert not (tmp_path / "fp8").exists()
+    server = start_server(tmp_path / "bf16", tmp_path)  # on CPU, --dtype auto loads it back to float32
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "The for statement", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        stop_server(server)

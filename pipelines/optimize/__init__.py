@@ -17,7 +17,7 @@ from pathlib import Path
 from predictor.loading import LoadedModel, ModelLoadError, load_model
 
 REPORT = "optimization.json"
-METHODS = ("int8", "prune", "distill", "onnx", "onnx-int8")
+METHODS = ("int8", "prune", "distill", "onnx", "onnx-int8", "cast")
 
 
 class OptimizationError(ValueError):
@@ -52,6 +52,10 @@ def _method(name: str) -> Callable[..., dict]:
         from .distill import distill
 
         return distill
+    if name == "cast":
+        from .cast import cast
+
+        return cast
     if name in ("onnx", "onnx-int8"):
         from .onnx_export import export
 
