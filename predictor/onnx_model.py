@@ -41,7 +41,8 @@ class OnnxModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_dir / GRAPH), options, providers=["CPUExecutionProvider"])
+        self.graph_path = model_dir / GRAPH
+        self.session = ort.InferenceSession(str(self.graph_path), options, providers=["CPUExecutionProvider"])
         self.n_layer = self.config.n_layer
         self.n_head = self.config.n_head
         self.head_dim = self.config.n_embd // self.config.n_head
@@ -58,5 +59,5 @@ class OnnxModel:
     def parameter_count(self) -> int:
         import onnx
 
-        graph = onnx.load(str(Path(self.session._model_path)), load_external_data=False).graph
+        graph = onnx.load(str(self.graph_path), load_external_data=False).graph
         return sum(int(np.prod(init.dims)) for init in graph.initializer)

@@ -147,17 +147,19 @@ def test_streaming_chat_ends_with_done(server):
     assert all(line.startswith("data: ") for line in lines)
 
 
-def test_async_client_concurrent_requests(server):
+def test_async_client_concurrent_requests(server, client):
     async def run() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
         rs = await asyncio.gather(*(client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=6, temperature=0) for p in ["A", "B", "C"]))
-        stream = await client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=True)
+        stream = await client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=4, temperature=0, stream=True)
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         await client.close()
         return [r.choices[0].text for r in rs] + ["".join(parts)]
 
     results = asyncio.run(run())
-    assert len(results) == 4
+    sync = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=6, temperature=0).choices[0].text for p in ["A", "B", "C"]]
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=4, temperature=0)
+    assert results == sync + [chat.choices[0].message.content]  # async, concurrent and streamed: the same greedy text
 
 
 def test_token_id_prompts_batch(client, tokenizer):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from predictor.loading import DTYPES, LoadedModel
 
 from . import OptimizationError, copy_tokenizer
@@ -32,5 +30,4 @@ def cast(loaded: LoadedModel, output_dir: Path, dtype: str = "bfloat16") -> dict
         "weight_bytes_before": before,
         "weight_bytes_after": after,
         "all_parameters": all(p.dtype == DTYPES[dtype] for p in model.parameters()),
-        "torch": torch.__version__,
     }

@@ -78,15 +78,13 @@ class BodyLimitMiddleware:
             await error_response(path, 413, message)(scope, receive, send)
             return
         received = 0
-        too_large = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
+            nonlocal received
             msg = await receive()
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
                     raise InvalidRequest(message, status=413)
             return msg
 

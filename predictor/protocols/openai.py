@@ -48,6 +48,16 @@ class OpenAIRoutes:
         # "models" keeps KServe V1's GET /v1/models answer, which shares this path, for V1 clients.
         return {"object": "list", "data": [card], "models": [self.model_name]}
 
+    def _choices(self, ids, body, max_tokens: int, logprobs: int | None, first_index: int = 0, prompt_logprobs: bool = False):
+        """The ``n`` requests for one prompt, as (choice index, request); with a seed, choice j uses seed + j."""
+        jobs = []
+        for j in range(body.n):
+            params = body.sampling_params(max_tokens, logprobs, body.logit_bias)
+            if params.seed is not None:
+                params.seed += j
+            jobs.append((first_index + j, self.gen.request(ids, params, prompt_logprobs=prompt_logprobs)))
+        return jobs
+
     # ---- completions -------------------------------------------------------------------------------
 
     async def completions(self, request: Request):
@@ -66,11 +76,7 @@ class OpenAIRoutes:
             ids = self.gen.encode(prompt)
             prompt_token_total += len(ids)
             max_tokens = self.gen.max_tokens(ids, body.max_tokens)
-            for j in range(body.n):
-                params = body.sampling_params(max_tokens, body.logprobs, body.logit_bias)
-                if params.seed is not None:
-                    params.seed += j
-                jobs.append((i * body.n + j, self.gen.request(ids, params, prompt_logprobs=body.echo and body.logprobs is not None)))
+            jobs += self._choices(ids, body, max_tokens, body.logprobs, first_index=i * body.n, prompt_logprobs=body.echo and body.logprobs is not None)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -150,12 +156,7 @@ class OpenAIRoutes:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = self.gen.max_tokens(ids, requested, default=None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = []
-        for j in range(body.n):
-            params = body.sampling_params(max_tokens, logprobs, body.logit_bias)
-            if params.seed is not None:
-                params.seed += j
-            jobs.append((j, self.gen.request(ids, params)))
+        jobs = self._choices(ids, body, max_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -45,7 +45,7 @@ class SamplingFields(_Strict):
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=-1 if self.top_k == -1 else self.top_k,
+            top_k=self.top_k,
             min_p=self.min_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
