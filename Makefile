@@ -12,7 +12,7 @@ MODEL_NAME ?= demo
 # torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install serve test demo-model bench lint clean
+.PHONY: install serve test demo-model bench pipeline lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,pipelines]"
 	$(PY) tools/install_k8s_tools.py $(VENV)/bin
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install -q "$(CHECKOV)"
@@ -40,6 +40,11 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.serving
+
+# The whole Kubeflow pipeline on this machine (kfp.local): train, optimize, evaluate, gate, register
+# into ./pipeline-run/mlflow.db, dry-run deploy. About 10 minutes on 2 cores.
+pipeline: install
+	$(PY) -m pipelines run --local --output pipeline-run
 
 lint: install
 	$(VENV)/bin/ruff check predictor pipelines tests

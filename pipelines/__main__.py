@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_YAML = REPO / "pipelines" / "llm_lifecycle.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +37,27 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", action="append", required=True, help="Model directory (repeat; the first is the baseline).")
     ev.add_argument("--text", required=True, help="Held-out text file.")
     ev.add_argument("--output", required=True, help="Report directory.")
+
+    comp = commands.add_parser("compile", help="Compile the Kubeflow pipeline to IR YAML (upload it to Kubeflow Pipelines).")
+    comp.add_argument("--output", default=str(PIPELINE_YAML), help=f"IR YAML file (default: {PIPELINE_YAML.relative_to(REPO)}).")
+    comp.add_argument("--image", help="Image of every component (default: $KSERVE_LLM_IMAGE or ghcr.io/kserve-llm/predictor:0.1.0).")
+
+    isvc = commands.add_parser("render-isvc", help="Print the InferenceService the deploy step would apply (rendered by the Helm chart).")
+    isvc.add_argument("--name", required=True, help="InferenceService name.")
+    isvc.add_argument("--storage-uri", required=True, help="Model location: s3://, gs://, pvc://, hf://, oci://, https://...")
+    isvc.add_argument("--namespace", default="default", help="Namespace (default: default).")
+    isvc.add_argument("--canary", type=int, metavar="PERCENT", help="Canary traffic percent for the new revision (needs deploymentMode=Knative).")
+    isvc.add_argument("--model-name", help="Model name on the endpoints (default: the chart's model.name).")
+    isvc.add_argument("--values", action="append", default=[], metavar="FILE", help="Chart values file (repeat), as for helm install -f.")
+    isvc.add_argument("--validate", action="store_true", help="Also validate against the KServe CRD schema ($KSERVE_LLM_CRDS).")
+
+    run = commands.add_parser("run", help="Run the whole pipeline.")
+    run.add_argument("--local", action="store_true", required=True, help="On this machine with kfp.local (the only mode; for a cluster, compile and upload).")
+    run.add_argument("--output", default="pipeline-run", help="Working directory: pipeline root, MLflow store, checkpoints (default: ./pipeline-run).")
+    run.add_argument("--tiny", action="store_true", help="Tiny model and settings (about 2 minutes; what the tests run).")
+    run.add_argument("--corpus", help="Corpus: a .txt file, a directory of them, or an http(s) URL (default: the demo corpus).")
+    run.add_argument("--min-speedup", type=float, help="Gate: minimum batch-1 decode speedup over the unoptimized model.")
+    run.add_argument("--max-perplexity-increase", type=float, help="Gate: maximum relative perplexity increase (0.05 = 5%%).")
     args = parser.parse_args(argv)
 
     if args.command == "demo-model":
@@ -66,6 +92,54 @@ def main(argv: list[str] | None = None) -> int:
 
         print(markdown(results))
         print(f"report: {args.output}/report.json, report.md, report.png")
+    elif args.command == "compile":
+        if args.image:
+            os.environ["KSERVE_LLM_IMAGE"] = args.image
+        from .lifecycle import compile_pipeline
+
+        compile_pipeline(args.output)
+        print(f"wrote {args.output}")
+    elif args.command == "render-isvc":
+        import yaml
+
+        from .chart import ChartError
+        from .deploy import render_isvc
+        from .k8s_schema import SchemaError, validate
+
+        try:
+            isvc = render_isvc(args.name, args.storage_uri, args.namespace, args.canary, args.model_name, values_files=tuple(args.values))
+            if args.validate:
+                validate(isvc)
+        except (ValueError, ChartError) as exc:
+            parser.error(str(exc))
+        except SchemaError as exc:
+            parser.error(f"the InferenceService does not validate: {exc}")
+        print(yaml.safe_dump(isvc, sort_keys=False), end="")
+    elif args.command == "run":
+        return _run_local(args, parser)
+    return 0
+
+
+def _run_local(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .lifecycle import run_local
+
+    overrides = {"corpus": args.corpus, "min_speedup": args.min_speedup, "max_perplexity_increase": args.max_perplexity_increase}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.corpus is not None and not args.corpus.startswith(("http://", "https://")):
+        overrides["corpus"] = str(Path(args.corpus).resolve())
+    result = run_local(args.output, tiny=args.tiny, **overrides)
+    print()
+    if result["report"]:
+        print(f"evaluation report: {result['report']}")
+    registered = result["registered"]
+    if registered:
+        path = registered["source"].removeprefix("file://")
+        print(f"registered: {registered['name']} version {registered['version']} (alias {registered['alias']}) in {registered['tracking_uri']}")
+        print(f"serve it:   python -m predictor --model_dir {path} --model_name {registered['name']}")
+    if not result["ok"]:
+        print(f"pipeline failed after {result['seconds']} s: {result['error']}", file=sys.stderr)
+        return 1
+    print(f"pipeline succeeded in {result['seconds']} s (pipeline root: {result['pipeline_root']})")
     return 0
 
 

@@ -26,6 +26,22 @@ def read_corpus(path: str | Path) -> list[str]:
     return documents
 
 
+def load_corpus(source: str) -> list[str]:
+    """The pipeline's corpus parameter: ``""`` for the demo corpus, an ``http(s)://`` URL of one text file,
+    or a file or directory path (``file://`` allowed; in a cluster, a mounted volume)."""
+    if not source:
+        return demo_corpus()
+    if source.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(source, timeout=60) as response:
+            text = response.read().decode("utf-8", errors="replace")
+        if not text.strip():
+            raise ValueError(f"corpus is empty: {source}")
+        return [text]
+    return read_corpus(source.removeprefix("file://"))
+
+
 def split_documents(documents: list[str], held_out_fraction: float = HELD_OUT_FRACTION) -> tuple[str, str]:
     """Split the concatenated corpus into (train, held-out) text by characters, held-out at the end."""
     text = "\n\n".join(documents)

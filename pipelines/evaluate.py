@@ -152,12 +152,12 @@ def markdown(results: list[dict]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {Path(r['model']).name} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | "
+            f"| {r['name']} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | "
             f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch1'] / base['decode_tokens_per_s_batch1']:.2f} | "
             f"{r['decode_tokens_per_s_batch16']:.1f} | {r['decode_tokens_per_s_batch16'] / base['decode_tokens_per_s_batch16']:.2f} | "
             f"{1000 * r['ttft_s']:.1f} | {r['bytes_on_disk'] / 1e6:.1f} | {r['parameters'] / 1e6:.2f} M | {r['peak_rss_bytes'] / 2**20:.1f} |"
         )
-    return "\n".join(lines) + f"\n\nΔ and × are relative to the first model, `{Path(base['model']).name}`.\n"
+    return "\n".join(lines) + f"\n\nΔ and × are relative to the first model, `{base['name']}`.\n"
 
 
 def chart(results: list[dict], path: Path) -> None:
@@ -172,7 +172,7 @@ def chart(results: list[dict], path: Path) -> None:
     for i, r in enumerate(results):
         ax.scatter(r["decode_tokens_per_s_batch1"], r["perplexity"], s=80 + 1500 * r["bytes_on_disk"] / biggest, alpha=0.6)
         ax.annotate(
-            f"{Path(r['model']).name}\n{r['bytes_on_disk'] / 1e6:.1f} MB",
+            f"{r['name']}\n{r['bytes_on_disk'] / 1e6:.1f} MB",
             (r["decode_tokens_per_s_batch1"], r["perplexity"]),
             textcoords="offset points",
             xytext=(8, 8 if i % 2 == 0 else -22),  # alternate, so neighbours do not overlap
@@ -187,8 +187,11 @@ def chart(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(models: list[str], text_file: str | Path, output_dir: str | Path, progress: bool = True) -> list[dict]:
-    """Measure every model on the text in ``text_file``; write report.json, report.md and report.png."""
+def evaluate(models: list[str], text_file: str | Path, output_dir: str | Path, progress: bool = True, names: list[str] | None = None) -> list[dict]:
+    """Measure every model on the text in ``text_file``; write report.json, report.md and report.png.
+
+    ``names`` label the models in the report (default: their directory names).
+    """
     from tqdm.auto import tqdm
 
     text_path = Path(text_file)
@@ -200,10 +203,22 @@ def evaluate(models: list[str], text_file: str | Path, output_dir: str | Path, p
     for model in models:
         if not (Path(model) / "config.json").is_file():
             raise FileNotFoundError(f"not a model directory: {model}")
-    results = [measure_in_fresh_process(m, text) for m in tqdm(models, desc="evaluate", disable=not progress)]
+    names = names or [Path(m).name for m in models]
+    if len(names) != len(models):
+        raise ValueError(f"{len(names)} names for {len(models)} models")
+    results = [{"name": n, **measure_in_fresh_process(m, text)} for n, m in tqdm(list(zip(names, models)), desc="evaluate", disable=not progress)]
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(json.dumps(results, indent=2))
     (output / "report.md").write_text(markdown(results))
     chart(results, output / "report.png")
     return results
+
+
+def png_html(png: Path, title: str) -> str:
+    """A self-contained HTML page showing ``png`` (how KFP's UI displays a chart artifact)."""
+    import base64
+
+    data = base64.b64encode(Path(png).read_bytes()).decode()
+    head = f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>'
+    return head + f'<body><h3>{title}</h3><img src="data:image/png;base64,{data}"></body></html>'

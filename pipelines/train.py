@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -39,6 +39,15 @@ class TrainConfig:
     max_seconds: float = 0.0
     eval_every: int = 100
     checkpoint_every: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """From a pipeline parameter: unknown keys are an error, numbers take the field's type (KFP passes ints as floats)."""
+        types = {f.name: type(f.default) for f in fields(cls)}
+        unknown = sorted(set(values) - set(types))
+        if unknown:
+            raise ValueError(f"train_config: unknown keys {unknown}; known: {sorted(types)}")
+        return cls(**{k: types[k](v) for k, v in values.items()})
 
 
 def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
@@ -89,9 +98,10 @@ def _lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _save_checkpoint(model, optimizer, step: int, losses: list, path: Path) -> None:
+def _save_checkpoint(model, optimizer, step: int, losses: list, curve: list, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses}, tmp)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses, "held_out_curve": curve}
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
@@ -118,12 +128,12 @@ def train_lm(
         lr=config.lr,
         betas=(0.9, 0.95),
     )
-    start_step, losses = 0, []
+    start_step, losses, curve = 0, [], []
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step, losses = state["step"], state["losses"]
+        start_step, losses, curve = state["step"], state["losses"], state.get("held_out_curve", [])
         for _ in range(start_step):  # replay the batch sampler so a resumed run sees the same batches
             batches(train_ids, config.seq_len, config.batch_size, generator)
     model.train()
@@ -136,13 +146,16 @@ def train_lm(
         batch = batches(train_ids, config.seq_len, config.batch_size, generator)
         losses.append(optimizer_step(model, optimizer, _loss(model, batch)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if config.eval_every and (step + 1) % config.eval_every == 0:
+            curve.append([step + 1, round(held_out_loss(model, held_out_ids, config.seq_len, max_windows=16), 4)])
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", held_out=f"{curve[-1][1]:.3f}")
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            _save_checkpoint(model, optimizer, step + 1, losses, checkpoint)
+            _save_checkpoint(model, optimizer, step + 1, losses, curve, checkpoint)
         if config.max_seconds and time.monotonic() - started > config.max_seconds:
             break
     bar.close()
     model.eval()
-    result = {"steps": len(losses), "train_loss": losses, "held_out_loss": held_out_loss(model, held_out_ids, config.seq_len)}
+    result = {"steps": len(losses), "train_loss": losses, "held_out_curve": curve, "held_out_loss": held_out_loss(model, held_out_ids, config.seq_len)}
     result["held_out_perplexity"] = math.exp(result["held_out_loss"])
     return result
 
@@ -179,15 +192,9 @@ def new_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LM
     return GPT2LMHeadModel(gpt2)
 
 
-def train_from_scratch(train_text: str, held_out_text: str, config: TrainConfig, output_dir: Path, progress: bool = True) -> dict:
-    """Tokenizer + model trained from scratch, saved as a Hugging Face directory (safetensors) with ``training.json``."""
+def save(model, tokenizer, config: TrainConfig, result: dict, output_dir: Path) -> dict:
+    """The trained model as a Hugging Face directory (safetensors) with ``training.json``; returns the report."""
     output_dir = Path(output_dir)
-    tokenizer = train_tokenizer(train_text, config.vocab_size)
-    model = new_model(config, tokenizer)
-    eos = torch.tensor([tokenizer.eos_token_id])
-    train_ids = tokenize(tokenizer, train_text)
-    held_out_ids = tokenize(tokenizer, held_out_text)
-    result = train_lm(model, torch.cat([train_ids, eos]), held_out_ids, config, progress=progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(output_dir, safe_serialization=True)
@@ -195,3 +202,61 @@ def train_from_scratch(train_text: str, held_out_text: str, config: TrainConfig,
     report = {"config": asdict(config), "parameters": sum(p.numel() for p in model.parameters()), **result}
     (output_dir / "training.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def train_from_scratch(
+    train_text: str, held_out_text: str, config: TrainConfig, output_dir: Path, progress: bool = True, checkpoint: Path | None = None
+) -> dict:
+    """Tokenizer + model trained from scratch, saved as a Hugging Face directory (safetensors) with ``training.json``.
+
+    ``held_out_curve`` in the report is ``[step, held-out loss on 16 windows]`` every ``config.eval_every`` steps.
+    """
+    tokenizer = train_tokenizer(train_text, config.vocab_size)
+    model = new_model(config, tokenizer)
+    eos = torch.tensor([tokenizer.eos_token_id])
+    train_ids = tokenize(tokenizer, train_text)
+    held_out_ids = tokenize(tokenizer, held_out_text)
+    result = train_lm(model, torch.cat([train_ids, eos]), held_out_ids, config, checkpoint=checkpoint, progress=progress)
+    return save(model, tokenizer, config, result, output_dir)
+
+
+def train_on_dataset(
+    dataset_dir: Path, output_dir: Path, config: TrainConfig, base_model: str | None = None, checkpoint: Path | None = None, progress: bool = True
+) -> dict:
+    """The pipeline's train step: fine-tune ``base_model`` (a model directory) or train ``config``'s shape from
+    scratch on a prepared dataset (``pipelines.dataset``)."""
+    from predictor.loading import load_model
+
+    from .dataset import load
+
+    tokenizer, train_ids, held_out_ids = load(dataset_dir)
+    if base_model:
+        loaded = load_model(base_model, dtype="float32", device="cpu")
+        model = loaded.model
+        config.seq_len = min(config.seq_len, loaded.max_model_len)
+    else:
+        model = new_model(config, tokenizer)
+    result = train_lm(model, train_ids, held_out_ids, config, checkpoint=checkpoint, progress=progress)
+    result["base_model"] = base_model or "none (trained from scratch)"
+    return save(model, tokenizer, config, result, output_dir)
+
+
+def loss_chart(report: dict, path: Path) -> None:
+    """Training loss per step and the held-out loss curve, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(range(1, len(report["train_loss"]) + 1), report["train_loss"], lw=0.8, label="train (per step)")
+    if report.get("held_out_curve"):
+        steps, losses = zip(*report["held_out_curve"])
+        ax.plot(steps, losses, "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

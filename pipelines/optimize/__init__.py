@@ -76,7 +76,12 @@ def optimize(method: str, input_dir: str | Path, output_dir: str | Path, overwri
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         started = time.monotonic()
-        report = run(loaded, tmp, **options)
+        try:
+            report = run(loaded, tmp, **options)
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            raise OptimizationError(f"method {method!r} does not take option {str(exc).split('argument')[-1].strip()}") from None
         report = {"method": method, "input": str(input_dir), "seconds": round(time.monotonic() - started, 2), **report}
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
         if output_dir.exists():

@@ -11,6 +11,9 @@ transformers, and is genuinely smaller and faster. Quality is recovered with ``d
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
@@ -117,7 +120,13 @@ def prune(
     drop_layers: int = 0,
     text: str | None = None,
     calibration_windows: int = 16,
+    recover_steps: int = 0,
 ) -> dict:
+    """Prune ``loaded.model`` in place; with ``recover_steps``, distil the unpruned model into the pruned one
+    for that many steps (``pipelines.optimize.distill``) and write the recovered model instead."""
+    if recover_steps < 0:
+        raise OptimizationError(f"recover_steps must be ≥ 0 (got {recover_steps})")
+    teacher = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)) if recover_steps else None
     model = loaded.model
     if model.config.model_type != "gpt2":
         raise OptimizationError(f"structured pruning supports GPT-2 models; this one is {model.config.model_type!r}")
@@ -148,6 +157,14 @@ def prune(
         parameters_after=sum(p.numel() for p in model.parameters()),
         calibration_loss_after=round(loss_on(model, ids), 4),
     )
-    model.save_pretrained(output_dir, safe_serialization=True)
-    copy_tokenizer(loaded, output_dir)
+    if not recover_steps:
+        model.save_pretrained(output_dir, safe_serialization=True)
+        copy_tokenizer(loaded, output_dir)
+        return report
+    from .distill import distill
+
+    with tempfile.TemporaryDirectory(dir=output_dir.parent) as pruned:
+        model.save_pretrained(pruned, safe_serialization=True)
+        recovery = distill(teacher, output_dir, student=pruned, steps=recover_steps, text=text)
+    report["recovery"] = {k: v for k, v in recovery.items() if k != "train_loss"}
     return report

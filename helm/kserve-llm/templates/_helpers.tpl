@@ -51,6 +51,12 @@ serving.kserve.io/inferenceservice: {{ include "kserve-llm.fullname" . }}
 {{- if and (not (kindIs "invalid" .Values.canaryTrafficPercent)) (ne .Values.deploymentMode "Knative") -}}
 {{- fail "canaryTrafficPercent needs deploymentMode=Knative" -}}
 {{- end -}}
+{{- if .Values.multiNode.enabled -}}
+{{- if ne $a.mode "none" -}}
+{{- fail (printf "multiNode.enabled with autoscaling.mode=%s: KServe does not autoscale multi-node InferenceServices (set autoscaling.mode=none)" $a.mode) -}}
+{{- end -}}
+{{- fail "multiNode.enabled: this predictor runs a model on one node (no tensor or pipeline parallelism across nodes); use several GPUs on one node (gpu.count) instead" -}}
+{{- end -}}
 {{- if and (not .Values.servingRuntime.create) (not .Values.servingRuntime.clusterServingRuntime) -}}
 {{- fail "set servingRuntime.create=true or name a servingRuntime.clusterServingRuntime" -}}
 {{- end -}}

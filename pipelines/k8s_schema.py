@@ -1,0 +1,78 @@
+"""Offline validation of Kubernetes objects: custom resources against their CRDs' OpenAPI schemas, core kinds
+with ``kubernetes-validate``; unknown fields are rejected, as the API server's strict field validation does.
+
+The CRDs (KServe, KEDA, Prometheus operator) are read from ``$KSERVE_LLM_CRDS`` or ``../shared/schemas/crds``
+beside this source tree. The deploy step's dry run and the chart tests both validate through here.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .chart import REPO
+
+KUBERNETES_VERSION = "1.33"
+CUSTOM_GROUPS = (".kserve.io", "keda.sh", "coreos.com")
+
+
+class SchemaError(ValueError):
+    """An object does not validate, or no schema is known for its kind."""
+
+
+def crds_dir() -> Path:
+    return Path(os.environ.get("KSERVE_LLM_CRDS", REPO.parent / "shared" / "schemas" / "crds"))
+
+
+def strict(schema: dict | list) -> dict | list:
+    """Reject unknown fields wherever the schema lists properties and does not preserve unknown ones."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+@cache
+def crd_schemas(directory: Path | None = None) -> dict[tuple[str, str], dict]:
+    """``{(apiVersion, kind): strict schema}`` for every CRD file in ``directory``."""
+    directory = directory or crds_dir()
+    if not directory.is_dir():
+        raise SchemaError(f"CRD schemas not found at {directory}: set KSERVE_LLM_CRDS")
+    schemas = {}
+    for path in directory.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schemas[(f"{group}/{version['name']}", kind)] = strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def is_custom(doc: dict) -> bool:
+    return "/" in doc["apiVersion"] and doc["apiVersion"].split("/")[0].endswith(CUSTOM_GROUPS)
+
+
+def validate(doc: dict, directory: Path | None = None) -> None:
+    """Raise :class:`SchemaError` unless ``doc`` validates against its kind's schema."""
+    if is_custom(doc):
+        schema = crd_schemas(directory).get((doc["apiVersion"], doc["kind"]))
+        if schema is None:
+            raise SchemaError(f"no CRD schema for {doc['apiVersion']} {doc['kind']}")
+        try:
+            jsonschema.validate({k: v for k, v in doc.items() if k != "metadata"}, schema)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+            raise SchemaError(f"{doc['kind']} {doc.get('metadata', {}).get('name', '')}: {where}: {exc.message}") from None
+    else:
+        import kubernetes_validate
+
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise SchemaError(f"{doc['kind']} {doc.get('metadata', {}).get('name', '')}: {exc}") from None

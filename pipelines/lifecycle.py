@@ -1,0 +1,218 @@
+"""The pipeline: prepare → train → optimize (in parallel) → evaluate → gate → register → deploy.
+
+Only the wiring and the cluster settings live here; every step is a component of ``pipelines.components``.
+
+    python -m pipelines compile            # → pipelines/llm_lifecycle.yaml, for a KFP cluster
+    python -m pipelines run --local        # the whole run on this machine (kfp.local, no cluster)
+"""
+
+from dataclasses import asdict
+
+from kfp import dsl, kubernetes
+
+from . import components as c
+from .demo_model import DEMO
+
+PIPELINE_NAME = "llm-lifecycle"
+DEFAULT_METHODS = [
+    {"name": "int8", "method": "int8"},
+    {"name": "distilled-half", "method": "distill", "steps": 300},
+    {"name": "pruned-recovered", "method": "prune", "mlp_keep": 0.5, "drop_layers": 1, "recover_steps": 300},
+    {"name": "onnx", "method": "onnx"},
+]
+TRAIN_CONFIG = {k: v for k, v in asdict(DEMO).items() if k not in ("vocab_size", "max_seconds", "checkpoint_every")}
+WORKSPACE = "/workspace"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Train or fine-tune a causal LM, optimize it, gate on quality and latency, register it, deploy it on KServe.")
+def llm_lifecycle(
+    corpus: str = "",
+    base_model: str = "",
+    vocab_size: int = DEMO.vocab_size,
+    held_out_fraction: float = 0.05,
+    train_config: dict = TRAIN_CONFIG,
+    checkpoint_dir: str = f"{WORKSPACE}/checkpoints",
+    workspace_pvc: str = "kserve-llm-workspace",
+    hf_token_secret: str = "hf-token",
+    methods: list = DEFAULT_METHODS,
+    max_perplexity_increase: float = 0.05,
+    min_speedup: float = 1.2,
+    max_ttft_ms: float = 0.0,
+    registered_model_name: str = "kserve-llm",
+    registry_backend: str = "mlflow",
+    registry_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
+    alias: str = "candidate",
+    isvc_name: str = "llm",
+    namespace: str = "kserve-llm",
+    storage_uri: str = "",
+    canary_percent: int = -1,
+    chart_values: dict = {},  # noqa: B006 (KFP pipeline parameters are declared by their defaults)
+    dry_run: bool = False,
+    ready_timeout_s: int = 900,
+):
+    prepare = c.prepare_data(corpus=corpus, base_model=base_model, vocab_size=vocab_size, held_out_fraction=held_out_fraction)
+    prepare.set_display_name("prepare data")
+    train = c.train_model(
+        dataset=prepare.outputs["dataset"],
+        base_model=base_model,
+        train_config=train_config,
+        checkpoint_dir=checkpoint_dir,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )
+    train.set_display_name("train")
+    train.set_retry(num_retries=2, backoff_duration="60s")
+    train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    kubernetes.mount_pvc(train, pvc_name=workspace_pvc, mount_path=WORKSPACE)
+    kubernetes.use_secret_as_env(train, secret_name=hf_token_secret, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)
+    kubernetes.use_secret_as_env(prepare, secret_name=hf_token_secret, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)
+
+    with dsl.ParallelFor(items=methods, name="methods") as spec:
+        opt = c.optimize_model(model=train.outputs["model"], dataset=prepare.outputs["dataset"], spec=spec)
+        opt.set_display_name("optimize")
+
+    evaluation = c.evaluate_models(
+        baseline=train.outputs["model"],
+        variants=dsl.Collected(opt.outputs["variant"]),
+        dataset=prepare.outputs["dataset"],
+        max_perplexity_increase=max_perplexity_increase,
+        min_speedup=min_speedup,
+        max_ttft_ms=max_ttft_ms,
+    )
+    evaluation.set_display_name("evaluate")
+
+    with dsl.If(evaluation.outputs["passed"] == True, name="gate"):  # noqa: E712 (a KFP condition, not Python)
+        register = c.register_model(
+            model=evaluation.outputs["selected"],
+            registered_name=registered_model_name,
+            backend=registry_backend,
+            registry_uri=registry_uri,
+            alias=alias,
+            corpus=corpus,
+            dataset=prepare.outputs["dataset"],
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )
+        register.set_display_name("register")
+        register.set_caching_options(False)
+        deploy = c.deploy_model(
+            isvc_name=isvc_name,
+            namespace=namespace,
+            storage_uri=storage_uri,
+            registered_source=register.outputs["source"],
+            model_name=registered_model_name,
+            canary_percent=canary_percent,
+            chart_values=chart_values,
+            dry_run=dry_run,
+            ready_timeout_s=ready_timeout_s,
+        )
+        deploy.set_display_name("deploy")
+        deploy.set_caching_options(False)
+    with dsl.Else(name="gate-failed"):
+        c.gate_failed(reason=evaluation.outputs["reason"]).set_display_name("gate failed")
+
+
+def compile_pipeline(path: str) -> None:
+    from kfp import compiler
+
+    compiler.Compiler().compile(llm_lifecycle, package_path=path)
+
+
+LOCAL_METHODS = [
+    {"name": "int8", "method": "int8"},
+    {"name": "distilled-half", "method": "distill", "steps": 150},
+    {"name": "pruned-recovered", "method": "prune", "mlp_keep": 0.5, "drop_layers": 1, "recover_steps": 150},
+    {"name": "onnx", "method": "onnx"},
+]
+TINY_SETTINGS = {
+    "vocab_size": 512,
+    "train_config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "seq_len": 64, "batch_size": 4, "steps": 40, "lr": 5e-3, "warmup_steps": 5},
+    "methods": [{"name": "int8", "method": "int8"}, {"name": "distilled-half", "method": "distill", "steps": 5}],
+    "min_speedup": 0.0001,
+    "max_perplexity_increase": 10.0,
+}
+
+
+def local_arguments(output_dir, tiny: bool = False, **overrides) -> dict:
+    """The pipeline's arguments for ``run --local``: demo corpus, local MLflow store, checkpoints and a dry-run deploy."""
+    from pathlib import Path
+
+    out = Path(output_dir).resolve()
+    arguments = {
+        "train_config": TRAIN_CONFIG,
+        "methods": LOCAL_METHODS,
+        "min_speedup": 1.0,
+        "checkpoint_dir": str(out / "checkpoints"),
+        "registry_uri": f"sqlite:///{out / 'mlflow.db'}",
+        "registered_model_name": "kserve-llm-demo",
+        "dry_run": True,
+        "namespace": "default",
+        # A local MLflow store's artifacts are file:// paths no cluster can fetch: the dry-run deploy renders
+        # the service for the model copied to the workspace volume under its registered name.
+        "storage_uri": "pvc://kserve-llm-workspace/models/kserve-llm-demo",
+    }
+    if tiny:
+        arguments.update(TINY_SETTINGS)
+    arguments.update(overrides)
+    return arguments
+
+
+def run_local(output_dir, tiny: bool = False, **overrides) -> dict:
+    """Run the whole pipeline here with ``kfp.local`` (subprocesses in this Python environment).
+
+    Returns ``{"ok", "error", "pipeline_root", "report", "registered"}``; ``registered`` is the version the
+    alias points at in the local MLflow store (``None`` when the gate stopped the run).
+    """
+    import time
+    import warnings
+    from pathlib import Path
+
+    from kfp import local
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    arguments = local_arguments(out, tiny, **overrides)
+    root = out / "pipeline-root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    started = time.time()
+    error = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # display names, GPU, retries
+        try:
+            llm_lifecycle(**arguments)
+        except RuntimeError as exc:
+            error = str(exc)
+    reports = [p for p in root.rglob("report") if p.parent.name.startswith("evaluate-models") and p.stat().st_mtime >= started]
+    reports.sort(key=lambda p: p.stat().st_mtime)
+    return {
+        "ok": error is None,
+        "error": error,
+        "pipeline_root": str(root),
+        "report": str(reports[-1]) if reports else None,
+        "registered": _registered(arguments),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _registered(arguments: dict) -> dict | None:
+    """The version ``alias`` points at in the run's MLflow store, or None."""
+    if arguments.get("registry_backend", "mlflow") != "mlflow" or not arguments["registry_uri"].startswith("sqlite:"):
+        return None  # only a local store is read back here
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=arguments["registry_uri"], registry_uri=arguments["registry_uri"])
+    alias = arguments.get("alias", "candidate")
+    try:
+        version = client.get_model_version_by_alias(arguments["registered_model_name"], alias)
+    except MlflowException:
+        return None
+    run = client.get_run(version.run_id)
+    return {
+        "name": version.name,
+        "version": version.version,
+        "alias": alias,
+        "source": version.source,
+        "tags": dict(version.tags),
+        "metrics": dict(run.data.metrics),
+        "tracking_uri": arguments["registry_uri"],
+    }

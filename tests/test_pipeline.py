@@ -1,0 +1,331 @@
+"""The Kubeflow pipeline: compiled IR, the deploy step against a FAKE Kubernetes API server (no cluster runs
+here), the InferenceService rendered by the chart and validated against the KServe CRD, the gate, and
+whole local runs with kfp.local that register into a real MLflow store (SQLite)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+from fake_kube_api import FakeKubeAPI
+from test_chart import CRDS, by_kind, render, require_crds
+
+from pipelines.deploy import Cluster, DeployError, deploy, render_isvc
+from pipelines.gate import Thresholds, select
+
+PIPELINE_YAML = REPO / "pipelines" / "llm_lifecycle.yaml"
+
+
+def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+# --- compiled pipeline -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[str, dict, dict]:
+    path = tmp_path_factory.mktemp("compiled") / "p.yaml"
+    result = cli("compile", "--output", str(path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return text, spec, platform
+
+
+def test_committed_pipeline_yaml_is_current(compiled):
+    # Compared as data: the compiler's header comment lists dict defaults in no fixed key order.
+    committed = list(yaml.safe_load_all(PIPELINE_YAML.read_text()))
+    assert committed == list(yaml.safe_load_all(compiled[0])), "pipelines/llm_lifecycle.yaml is stale: run python -m pipelines compile"
+
+
+def test_compiled_dag_condition_parallelism_and_cluster_settings(compiled):
+    _, spec, platform = compiled
+    root = spec["root"]["dag"]["tasks"]
+    loop = next(name for name in root if name.startswith("for-loop-"))
+    branching = next(name for name in root if name.startswith("condition-branches-"))
+    assert {"prepare-data", "train-model", "evaluate-models"} <= set(root)
+    assert root["train-model"]["dependentTasks"] == ["prepare-data"]
+    assert "train-model" in root[loop]["dependentTasks"]
+    assert root[loop]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--methods"
+    assert root["evaluate-models"]["inputs"]["artifacts"]["variants"]["taskOutputArtifact"]["producerTask"] == loop
+    assert "optimize-model" in spec["components"][f"comp-{loop}"]["dag"]["tasks"]
+    branches = spec["components"][f"comp-{branching}"]["dag"]["tasks"]
+    conditions = {name: task["triggerPolicy"]["condition"] for name, task in branches.items()}
+    assert sorted(conditions.values()) == [
+        "!(inputs.parameter_values['pipelinechannel--evaluate-models-passed'] == true)",
+        "inputs.parameter_values['pipelinechannel--evaluate-models-passed'] == true",
+    ]
+    passed, failed = (
+        spec["components"][next(t["componentRef"]["name"] for t in branches.values() if t["triggerPolicy"]["condition"].startswith(prefix))]["dag"]["tasks"]
+        for prefix in ("inputs", "!(")
+    )
+    assert set(passed) == {"register-model", "deploy-model"} and set(failed) == {"gate-failed"}
+    gate = passed
+    assert gate["deploy-model"]["dependentTasks"] == ["register-model"]
+    for name in ("register-model", "deploy-model"):
+        assert gate[name]["cachingOptions"] == {}, f"{name} must not be cached"  # enableCache absent = off
+    assert root["train-model"]["cachingOptions"] == {"enableCache": True}
+    assert root["train-model"]["retryPolicy"]["maxRetryCount"] == 2
+    train = spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]
+    assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert train["resources"]["accelerator"]["resourceCount"] == "1"
+    for executor in spec["deploymentSpec"]["executors"].values():
+        container = executor["container"]
+        assert container["image"] == "ghcr.io/kserve-llm/predictor:0.1.0"
+        assert "pip install" not in " ".join(container["command"]), "components must not pip-install at run time"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-train-model"]["pvcMount"][0]["mountPath"] == "/workspace"
+    assert k8s["exec-train-model"]["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
+    assert k8s["exec-train-model"]["secretAsEnv"][0]["optional"] is True
+
+
+# --- the InferenceService: one source, the chart --------------------------------------------------------
+
+
+def test_render_isvc_is_the_charts_inferenceservice_and_validates_against_the_crd():
+    require_crds()
+    values = REPO / "helm" / "kserve-llm" / "ci" / "canary-values.yaml"
+    result = cli("render-isvc", "--name", "llm", "--storage-uri", "s3://models/llm/3", "--canary", "20", "--values", str(values), "--validate", timeout=60)
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    chart = by_kind(
+        render("-f", str(values), "--set", "fullnameOverride=llm", "--set", "model.storageUri=s3://models/llm/3", "--set", "canaryTrafficPercent=20"),
+        "InferenceService",
+    )[0]
+    for labels in (rendered["metadata"]["labels"], chart["metadata"]["labels"]):
+        for helm_only in ("helm.sh/chart", "app.kubernetes.io/managed-by", "app.kubernetes.io/instance"):
+            labels.pop(helm_only, None)
+    rendered["metadata"].pop("namespace")
+    assert rendered == chart
+    assert rendered["spec"]["predictor"]["canaryTrafficPercent"] == 20
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--storage-uri", "/home/me/model"], "not one KServe can fetch"),
+        (["--storage-uri", "mlflow-artifacts:/1/abc/artifacts/model"], "not one KServe can fetch"),
+        (["--storage-uri", "s3://m", "--canary", "150"], "between 0 and 100"),
+        (["--storage-uri", "s3://m", "--canary", "10"], "canaryTrafficPercent needs deploymentMode=Knative"),
+        (["--storage-uri", "ftp://m"], "storageUri"),
+    ],
+)
+def test_render_isvc_rejects_bad_input_clearly(args, message):
+    result = cli("render-isvc", "--name", "llm", *args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+# --- deploy against a FAKE Kubernetes API server ---------------------------------------------------
+
+
+@pytest.fixture()
+def fake_kube(tmp_path):
+    with FakeKubeAPI() as api:
+        api.cluster = Cluster(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
+        yield api
+
+
+def _isvc(storage: str, canary: int | None = None) -> dict:
+    return render_isvc("llm", storage, namespace="ml", canary_percent=canary, values={"deploymentMode": "Knative"})
+
+
+def test_deploy_with_fake_api_server_creates_then_patches_idempotently(fake_kube):
+    require_crds()
+    first = deploy(_isvc("s3://models/llm/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    assert first["action"] == "created" and first["generation"] == 1
+    second = deploy(_isvc("s3://models/llm/2", canary=10), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    assert second["action"] == "updated" and second["generation"] == 2
+    again = deploy(_isvc("s3://models/llm/2", canary=10), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    assert again["generation"] == 2, "re-applying the same spec must not change anything"
+    stored = fake_kube.objects[("ml", "llm")]
+    assert stored["spec"]["predictor"]["model"]["storageUri"] == "s3://models/llm/2"
+    assert stored["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    applies = [r for r in fake_kube.requests if r["method"] == "PATCH"]
+    assert [r["verb"] for r in applies] == ["create", "patch", "patch"]
+    assert {r["content_type"] for r in applies} == {"application/apply-patch+yaml"}
+    assert {r["field_manager"] for r in applies} == {"kserve-llm-pipeline"}
+
+
+def test_deploy_with_fake_api_server_rolls_back_a_never_ready_update(fake_kube):
+    require_crds()
+    deploy(_isvc("s3://models/llm/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    good_spec = copy.deepcopy(fake_kube.objects[("ml", "llm")]["spec"])
+    fake_kube.ready = "never"
+    with pytest.raises(DeployError, match=r"not Ready after 1 s \(RevisionMissing: Revision failed.*OOMKilled\)\); rolled back to the previous spec"):
+        deploy(_isvc("s3://models/llm/broken"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=1, crds=CRDS, log=lambda *_: None)
+    assert fake_kube.objects[("ml", "llm")]["spec"] == good_spec
+    assert fake_kube.requests[-1]["verb"] == "patch" and fake_kube.requests[-1]["body"]["spec"] == good_spec
+
+
+def test_deploy_with_fake_api_server_deletes_a_new_service_that_never_gets_ready(fake_kube):
+    require_crds()
+    fake_kube.ready = "never"
+    with pytest.raises(DeployError, match="deleted it"):
+        deploy(_isvc("s3://models/llm/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.5, crds=CRDS, log=lambda *_: None)
+    assert fake_kube.objects == {}
+
+
+def test_deploy_uses_exactly_the_verbs_the_rbac_role_grants(fake_kube):
+    require_crds()
+    deploy(_isvc("s3://m/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    deploy(_isvc("s3://m/2"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    fake_kube.ready = "never"
+    for uri in ("s3://m/3",):
+        with pytest.raises(DeployError):
+            deploy(_isvc(uri), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.3, crds=CRDS, log=lambda *_: None)
+    fake_kube.objects.clear()
+    with pytest.raises(DeployError):
+        deploy(_isvc("s3://m/4"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.3, crds=CRDS, log=lambda *_: None)
+    used = {r["verb"] for r in fake_kube.requests}
+    role = yaml.safe_load((REPO / "manifests" / "rbac" / "role.yaml").read_text())
+    granted = {verb for rule in role["rules"] if "inferenceservices" in rule["resources"] for verb in rule["verbs"]}
+    assert used == granted == {"get", "create", "patch", "delete"}
+
+
+def test_deploy_dry_run_validates_without_a_cluster_and_rejects_an_invalid_spec():
+    require_crds()
+    isvc = _isvc("s3://models/llm/1")
+    assert deploy(isvc, dry_run=True, crds=CRDS, log=lambda *_: None)["action"] == "dry-run"
+    isvc["spec"]["predictor"]["model"]["storageUrl"] = "typo"
+    with pytest.raises(DeployError, match="storageUrl"):
+        deploy(isvc, dry_run=True, crds=CRDS, log=lambda *_: None)
+
+
+def test_dry_run_without_crd_files_asks_the_fake_api_server_for_a_server_side_dry_run(fake_kube, tmp_path):
+    result = deploy(_isvc("s3://models/llm/1"), dry_run=True, cluster=fake_kube.cluster, crds=tmp_path / "no-crds", log=lambda *_: None)
+    assert result["action"] == "dry-run"
+    assert [(r["verb"], r["dry_run"]) for r in fake_kube.requests] == [("create", True)]
+    assert fake_kube.objects == {}
+
+
+def test_deploy_names_an_unreachable_api_server(tmp_path):
+    require_crds()
+    kubeconfig = tmp_path / "kubeconfig"
+    with FakeKubeAPI() as api:
+        api.kubeconfig(kubeconfig)
+    with pytest.raises(DeployError, match="cannot reach the Kubernetes API at http://127.0.0.1"):
+        deploy(_isvc("s3://m/1"), cluster=Cluster(kubeconfig=str(kubeconfig)), crds=CRDS, log=lambda *_: None)
+
+
+# --- the gate ---------------------------------------------------------------------------------------
+
+
+def _result(name: str, ppl: float, tps: float, ttft: float = 0.001) -> dict:
+    return {"name": name, "perplexity": ppl, "decode_tokens_per_s_batch1": tps, "ttft_s": ttft}
+
+
+def test_gate_selects_the_fastest_variant_within_the_thresholds():
+    results = [_result("base", 100, 100), _result("int8", 101, 160), _result("tiny", 150, 400), _result("onnx", 100, 120, ttft=0.5)]
+    index, reason = select(results, Thresholds(max_perplexity_increase=0.02, min_speedup=1.1))
+    assert index == 1 and "selected int8" in reason
+    index, reason = select(results, Thresholds(max_perplexity_increase=0.02, min_speedup=5))
+    assert index is None
+    assert "int8: speedup 1.60× < 5.00×" in reason and "tiny: perplexity +50.0% > +2.0%" in reason
+    with pytest.raises(ValueError, match="thresholds"):
+        Thresholds(min_speedup=0)
+
+
+# --- whole local runs (kfp.local) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline-run")
+    result = cli("run", "--local", "--tiny", "--output", str(out))
+    return out, result
+
+
+def test_local_run_trains_optimizes_evaluates_registers_and_dry_run_deploys(local_run):
+    from mlflow.tracking import MlflowClient
+
+    from predictor.loading import load_model
+
+    out, result = local_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for task in ("prepare-data", "train-model", "optimize-model", "evaluate-models", "register-model", "deploy-model"):
+        assert f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in result.stderr + result.stdout, task
+    assert "gate-failed" not in result.stderr + result.stdout
+    report = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("evaluation report:"))
+    table = open(report).read()
+    for name in ("unoptimized", "int8", "distilled-half"):
+        assert f"| {name} |" in table
+    assert "**Gate:** selected" in table
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", registry_uri=f"sqlite:///{out / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("kserve-llm-demo", "candidate")
+    assert str(version.version) == "1"
+    assert version.tags["base_model"] == "scratch" and version.tags["method"] in ("none", "int8", "distill")
+    assert version.tags["corpus"].startswith("demo corpus")
+    run = client.get_run(version.run_id)
+    assert {"perplexity", "speedup_batch1", "decode_tokens_per_s_batch1", "bytes_on_disk"} <= set(run.data.metrics)
+    serve = next(line for line in result.stdout.splitlines() if line.startswith("serve it:"))
+    model_dir = serve.split("--model_dir ")[1].split()[0]
+    assert load_model(model_dir, dtype="float32", device="cpu").model is not None  # the registered copy is servable
+    assert "dry run: InferenceService default/llm validates against the KServe CRD" in result.stdout + result.stderr
+
+
+def _no_registration(out) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    assert not (out / "mlflow.db").exists() or MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models() == []
+
+
+def test_local_run_with_thresholds_nothing_passes_fails_at_the_gate_and_registers_nothing(tmp_path):
+    result = cli("run", "--local", "--tiny", "--output", str(tmp_path), "--min-speedup", "1000")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "quality gate: no variant passed the gate (unoptimized: speedup 1.00× < 1000.00×" in output
+    assert "Task \x1b[96m'gate-failed'\x1b[0m finished with status \x1b[91mFAILURE" in output
+    assert "'register-model'" not in output and "'deploy-model'" not in output
+    _no_registration(tmp_path)
+
+
+@pytest.mark.parametrize("corpus, message", [("missing", "corpus not found"), ("empty", "corpus is empty")])
+def test_local_run_with_a_bad_corpus_fails_in_prepare_data_with_the_reason(tmp_path, corpus, message):
+    path = tmp_path / "corpus"
+    if corpus == "empty":
+        path.mkdir()
+        (path / "a.txt").write_text("  \n")
+    result = cli("run", "--local", "--tiny", "--output", str(tmp_path / "run"), "--corpus", str(path), timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert message in output and "Task \x1b[96m'prepare-data'\x1b[0m finished with status \x1b[91mFAILURE" in output
+    _no_registration(tmp_path / "run")
+
+
+def test_unreachable_registry_fails_the_register_step_and_leaves_nothing(tmp_path):
+    from pipelines.lifecycle import run_local
+
+    result = run_local(tmp_path, tiny=True, registry_uri="http://127.0.0.1:9", methods=[{"name": "int8", "method": "int8"}])
+    assert not result["ok"] and "'register-model'" in result["error"]
+    assert result["registered"] is None
+
+
+def test_registry_failure_midway_leaves_no_partial_registration(tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.registry import RegistryError, register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = register(tiny_model_dir, "m", {"perplexity": 1.0}, {"method": "none"}, uri)
+    assert first["version"] == "1"
+    with pytest.raises(RegistryError, match="failed"):
+        register(
+            tiny_model_dir, "m", {"perplexity": float("nan")}, {"method": "int8"}, uri, alias="bad alias!"
+        )  # an invalid alias, after the version was created
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert [str(v.version) for v in client.search_model_versions("name='m'")] == ["1"]
+    assert str(client.get_model_version_by_alias("m", "candidate").version) == "1"
+    assert len(client.search_runs([client.get_experiment_by_name("kserve-llm").experiment_id])) == 1
+    with pytest.raises(RegistryError, match="unreachable at http://127.0.0.1:9"):
+        register(tiny_model_dir, "m", {}, {}, "http://127.0.0.1:9")
+    with pytest.raises(RegistryError, match="stores no files"):
+        register(tiny_model_dir, "m", {}, {}, "http://127.0.0.1:9", backend="model-registry")
+    with pytest.raises(RegistryError, match="unreachable at http://127.0.0.1:9"):
+        register(tiny_model_dir, "m", {}, {}, "http://127.0.0.1:9", backend="model-registry", storage_uri="s3://models/m")
