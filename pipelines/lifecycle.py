@@ -161,6 +161,7 @@ def run_local(output_dir, tiny: bool = False, **overrides) -> dict:
     Returns ``{"ok", "error", "pipeline_root", "report", "registered"}``; ``registered`` is the version the
     alias points at in the local MLflow store (``None`` when the gate stopped the run).
     """
+    import builtins
     import time
     import warnings
     from pathlib import Path
@@ -174,6 +175,9 @@ def run_local(output_dir, tiny: bool = False, **overrides) -> dict:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     started = time.time()
     error = None
+    # kfp.local indents print() while a task runs by swapping builtins.print; tasks of a ParallelFor run in
+    # threads and can restore each other's swap, leaving print indented after the run: put it back.
+    real_print = builtins.print
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # display names, GPU, retries
@@ -181,6 +185,8 @@ def run_local(output_dir, tiny: bool = False, **overrides) -> dict:
             llm_lifecycle(**arguments)
         except RuntimeError as exc:
             error = str(exc)
+        finally:
+            builtins.print = real_print
     reports = [p for p in root.rglob("report") if p.parent.name.startswith("evaluate-models") and p.stat().st_mtime >= started]
     reports.sort(key=lambda p: p.stat().st_mtime)
     return {

@@ -82,7 +82,7 @@ def held_out_loss(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, max_w
     n = min(max_windows, (len(ids) - 1) // seq_len)
     if n == 0:
         return float("nan")
-    x = ids[: n * seq_len + 1]
+    x = ids[: n * seq_len + 1].to(next(model.parameters()).device)
     inputs = x[:-1].view(n, seq_len)
     targets = x[1:].view(n, seq_len)
     logits = model(input_ids=inputs).logits
@@ -130,20 +130,21 @@ def train_lm(
     )
     start_step, losses, curve = 0, [], []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, losses, curve = state["step"], state["losses"], state.get("held_out_curve", [])
         for _ in range(start_step):  # replay the batch sampler so a resumed run sees the same batches
             batches(train_ids, config.seq_len, config.batch_size, generator)
     model.train()
+    device = next(model.parameters()).device
     started = time.monotonic()
     bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress, initial=start_step, total=config.steps)
     step = start_step
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        batch = batches(train_ids, config.seq_len, config.batch_size, generator)
+        batch = batches(train_ids, config.seq_len, config.batch_size, generator).to(device)
         losses.append(optimizer_step(model, optimizer, _loss(model, batch)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if config.eval_every and (step + 1) % config.eval_every == 0:
@@ -224,19 +225,21 @@ def train_on_dataset(
     dataset_dir: Path, output_dir: Path, config: TrainConfig, base_model: str | None = None, checkpoint: Path | None = None, progress: bool = True
 ) -> dict:
     """The pipeline's train step: fine-tune ``base_model`` (a model directory) or train ``config``'s shape from
-    scratch on a prepared dataset (``pipelines.dataset``)."""
+    scratch on a prepared dataset (``pipelines.dataset``), on the GPU when there is one."""
     from predictor.loading import load_model
 
     from .dataset import load
 
     tokenizer, train_ids, held_out_ids = load(dataset_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the pipeline's train step asks for a GPU
     if base_model:
         loaded = load_model(base_model, dtype="float32", device="cpu")
         model = loaded.model
         config.seq_len = min(config.seq_len, loaded.max_model_len)
     else:
         model = new_model(config, tokenizer)
-    result = train_lm(model, train_ids, held_out_ids, config, checkpoint=checkpoint, progress=progress)
+    result = train_lm(model.to(device), train_ids, held_out_ids, config, checkpoint=checkpoint, progress=progress)
+    model.to("cpu")
     result["base_model"] = base_model or "none (trained from scratch)"
     return save(model, tokenizer, config, result, output_dir)
 

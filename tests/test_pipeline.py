@@ -251,7 +251,7 @@ def test_local_run_trains_optimizes_evaluates_registers_and_dry_run_deploys(loca
     for task in ("prepare-data", "train-model", "optimize-model", "evaluate-models", "register-model", "deploy-model"):
         assert f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in result.stderr + result.stdout, task
     assert "gate-failed" not in result.stderr + result.stdout
-    report = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("evaluation report:"))
+    report = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("evaluation report:"))
     table = open(report).read()
     for name in ("unoptimized", "int8", "distilled-half"):
         assert f"| {name} |" in table
@@ -263,7 +263,7 @@ def test_local_run_trains_optimizes_evaluates_registers_and_dry_run_deploys(loca
     assert version.tags["corpus"].startswith("demo corpus")
     run = client.get_run(version.run_id)
     assert {"perplexity", "speedup_batch1", "decode_tokens_per_s_batch1", "bytes_on_disk"} <= set(run.data.metrics)
-    serve = next(line for line in result.stdout.splitlines() if line.startswith("serve it:"))
+    serve = next(line for line in result.stdout.splitlines() if line.strip().startswith("serve it:"))
     model_dir = serve.split("--model_dir ")[1].split()[0]
     assert load_model(model_dir, dtype="float32", device="cpu").model is not None  # the registered copy is servable
     assert "dry run: InferenceService default/llm validates against the KServe CRD" in result.stdout + result.stderr
