@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", default="pipeline-run", help="Working directory: pipeline root, MLflow store, checkpoints (default: ./pipeline-run).")
     run.add_argument("--tiny", action="store_true", help="Tiny model and settings (about 2 minutes; what the tests run).")
     run.add_argument("--corpus", help="Corpus: a .txt file, a directory of them, or an http(s) URL (default: the demo corpus).")
+    run.add_argument("--base-model", help="A model directory to fine-tune instead of training from scratch.")
     run.add_argument("--min-speedup", type=float, help="Gate: minimum batch-1 decode speedup over the unoptimized model.")
     run.add_argument("--max-perplexity-increase", type=float, help="Gate: maximum relative perplexity increase (0.05 = 5%%).")
     args = parser.parse_args(argv)
@@ -124,6 +125,8 @@ def _run_local(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .lifecycle import run_local
 
     overrides = {"corpus": args.corpus, "min_speedup": args.min_speedup, "max_perplexity_increase": args.max_perplexity_increase}
+    if args.base_model is not None:
+        overrides["base_model"] = str(Path(args.base_model).resolve())
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.corpus is not None and not args.corpus.startswith(("http://", "https://")):
         overrides["corpus"] = str(Path(args.corpus).resolve())

@@ -235,18 +235,19 @@ def test_gate_selects_the_fastest_variant_within_the_thresholds():
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, tiny_model_dir):
+    """A passing run that fine-tunes the tiny model (the other runs below train from scratch)."""
     out = tmp_path_factory.mktemp("pipeline-run")
-    result = cli("run", "--local", "--tiny", "--output", str(out))
-    return out, result
+    result = cli("run", "--local", "--tiny", "--output", str(out), "--base-model", str(tiny_model_dir))
+    return out, result, tiny_model_dir
 
 
-def test_local_run_trains_optimizes_evaluates_registers_and_dry_run_deploys(local_run):
+def test_local_run_fine_tunes_optimizes_evaluates_registers_and_dry_run_deploys(local_run):
     from mlflow.tracking import MlflowClient
 
     from predictor.loading import load_model
 
-    out, result = local_run
+    out, result, base_model = local_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for task in ("prepare-data", "train-model", "optimize-model", "evaluate-models", "register-model", "deploy-model"):
         assert f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in result.stderr + result.stdout, task
@@ -259,7 +260,7 @@ def test_local_run_trains_optimizes_evaluates_registers_and_dry_run_deploys(loca
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", registry_uri=f"sqlite:///{out / 'mlflow.db'}")
     version = client.get_model_version_by_alias("kserve-llm-demo", "candidate")
     assert str(version.version) == "1"
-    assert version.tags["base_model"] == "scratch" and version.tags["method"] in ("none", "int8", "distill")
+    assert version.tags["base_model"] == str(base_model) and version.tags["method"] in ("none", "int8", "distill")
     assert version.tags["corpus"].startswith("demo corpus")
     run = client.get_run(version.run_id)
     assert {"perplexity", "speedup_batch1", "decode_tokens_per_s_batch1", "bytes_on_disk"} <= set(run.data.metrics)
