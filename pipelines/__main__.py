@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["KSERVE_LLM_IMAGE"] = args.image
         from .lifecycle import compile_pipeline
 
-        compile_pipeline(args.output)
+        try:
+            compile_pipeline(args.output)
+        except OSError as exc:
+            parser.error(f"--output: cannot write {args.output}: {exc.strerror}")
         print(f"wrote {args.output}")
     elif args.command == "render-isvc":
         import yaml

@@ -13,6 +13,7 @@ creates the object) and delete (roll back a service that did not exist before).
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +82,17 @@ class Cluster:
     def __post_init__(self) -> None:
         from kubernetes import client, config
 
-        if self.kubeconfig or self.context:
-            self.api = config.new_client_from_config(config_file=self.kubeconfig, context=self.context)
-        else:
+        try:
+            if self.kubeconfig or self.context:
+                self.api = config.new_client_from_config(config_file=self.kubeconfig, context=self.context)
+                return
             try:
                 config.load_incluster_config()
                 self.api = client.ApiClient()
             except config.ConfigException:
                 self.api = config.new_client_from_config()
+        except (config.ConfigException, OSError) as exc:
+            raise DeployError(f"no Kubernetes configuration (not in a cluster, no usable kubeconfig): {exc}; dry_run validates without one") from None
 
     def _path(self, namespace: str, name: str = "") -> str:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}" + (f"/{name}" if name else "")
@@ -129,8 +133,6 @@ class Cluster:
 
 
 def _message(body: str | None) -> str:
-    import json
-
     try:
         return json.loads(body or "")["message"]
     except (ValueError, KeyError, TypeError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def register_mlflow(model_dir: Path, name: str, metrics: dict[str, float], linea
     from mlflow.tracking import MlflowClient
 
     _check_reachable(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     created_run = created_version = None
+    created_model = False
     try:
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT, artifact_location=_sqlite_artifact_root(tracking_uri))
         run = client.create_run(experiment_id, tags={"mlflow.runName": f"register-{name}"})
@@ -73,14 +75,13 @@ def register_mlflow(model_dir: Path, name: str, metrics: dict[str, float], linea
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(name, description="Causal LM registered by the kserve-llm pipeline")
+            created_model = True
         source = f"{run.info.artifact_uri}/model"
         version = client.create_model_version(name, source, run_id=created_run, tags={k: str(v) for k, v in lineage.items()}, description=description)
         created_version = version.version
         client.set_registered_model_alias(name, alias, version.version)
-    except RegistryError:
-        raise
     except Exception as exc:
-        _undo(client if "client" in locals() else None, name, created_run, created_version)
+        _undo(client, name, created_run, created_version, created_model)
         raise RegistryError(f"MLflow registration at {tracking_uri} failed: {exc}") from None
     return {
         "backend": "mlflow",
@@ -93,15 +94,20 @@ def register_mlflow(model_dir: Path, name: str, metrics: dict[str, float], linea
     }
 
 
-def _undo(client, name: str, run_id: str | None, version: str | None) -> None:
-    if client is None:
-        return
-    for action in ((lambda: client.delete_model_version(name, version)) if version else None, (lambda: client.delete_run(run_id)) if run_id else None):
-        if action is not None:
-            try:
-                action()
-            except Exception:  # best effort: the original error is the one to report
-                pass
+def _undo(client, name: str, run_id: str | None, version: str | None, model: bool) -> None:
+    """Delete what a failed registration created, newest first; best effort, the original error is the one to report."""
+    steps = []
+    if version:
+        steps.append(lambda: client.delete_model_version(name, version))
+    if model:
+        steps.append(lambda: client.delete_registered_model(name))
+    if run_id:
+        steps.append(lambda: client.delete_run(run_id))
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            pass
 
 
 def register_model_registry(
@@ -114,12 +120,15 @@ def register_model_registry(
         raise RegistryError("backend model-registry needs the model-registry package: pip install model-registry") from None
     if not storage_uri:
         raise RegistryError("backend model-registry stores no files: give the storage URI of the model (s3://, pvc://, ...)")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RegistryError(f"the model registry address must be http(s)://HOST[:PORT]; got {uri!r}")
     _check_reachable(uri)
     storage_uri = storage_uri.replace("minio://", "s3://", 1)  # KFP's default artifact store is MinIO, which KServe reads as S3
-    address, _, port = uri.rpartition(":")
     version = version or time.strftime("%Y%m%d-%H%M%S")
+    secure = parts.scheme == "https"
     try:
-        registry = ModelRegistry(address, int(port), author="kserve-llm-pipeline", is_secure=uri.startswith("https://"))
+        registry = ModelRegistry(f"{parts.scheme}://{parts.hostname}", parts.port or (443 if secure else 80), author="kserve-llm-pipeline", is_secure=secure)
         model = registry.register_model(
             name,
             storage_uri,

@@ -43,6 +43,11 @@ def test_committed_pipeline_yaml_is_current(compiled):
     assert committed == list(yaml.safe_load_all(compiled[0])), "pipelines/llm_lifecycle.yaml is stale: run python -m pipelines compile"
 
 
+def test_compile_to_an_unwritable_place_is_a_cli_error(tmp_path):
+    result = cli("compile", "--output", str(tmp_path / "missing" / "p.yaml"), timeout=120)
+    assert result.returncode == 2 and "--output: cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_compiled_dag_condition_parallelism_and_cluster_settings(compiled):
     _, spec, platform = compiled
     root = spec["root"]["dag"]["tasks"]
@@ -176,9 +181,8 @@ def test_deploy_uses_exactly_the_verbs_the_rbac_role_grants(fake_kube):
     deploy(_isvc("s3://m/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
     deploy(_isvc("s3://m/2"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
     fake_kube.ready = "never"
-    for uri in ("s3://m/3",):
-        with pytest.raises(DeployError):
-            deploy(_isvc(uri), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.3, crds=CRDS, log=lambda *_: None)
+    with pytest.raises(DeployError):  # rolled back with patch
+        deploy(_isvc("s3://m/3"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.3, crds=CRDS, log=lambda *_: None)
     fake_kube.objects.clear()
     with pytest.raises(DeployError):
         deploy(_isvc("s3://m/4"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.3, crds=CRDS, log=lambda *_: None)
@@ -211,6 +215,8 @@ def test_deploy_names_an_unreachable_api_server(tmp_path):
         api.kubeconfig(kubeconfig)
     with pytest.raises(DeployError, match="cannot reach the Kubernetes API at http://127.0.0.1"):
         deploy(_isvc("s3://m/1"), cluster=Cluster(kubeconfig=str(kubeconfig)), crds=CRDS, log=lambda *_: None)
+    with pytest.raises(DeployError, match="no Kubernetes configuration"):
+        Cluster(kubeconfig=str(tmp_path / "missing-kubeconfig"))
 
 
 # --- the gate ---------------------------------------------------------------------------------------
@@ -330,3 +336,9 @@ def test_registry_failure_midway_leaves_no_partial_registration(tmp_path, tiny_m
         register(tiny_model_dir, "m", {}, {}, "http://127.0.0.1:9", backend="model-registry")
     with pytest.raises(RegistryError, match="unreachable at http://127.0.0.1:9"):
         register(tiny_model_dir, "m", {}, {}, "http://127.0.0.1:9", backend="model-registry", storage_uri="s3://models/m")
+    with pytest.raises(RegistryError, match=r"must be http\(s\)://HOST"):
+        register(tiny_model_dir, "m", {}, {}, "registry:8080", backend="model-registry", storage_uri="s3://models/m")
+    # A registration that fails midway for a new model name deletes the empty registered model too.
+    with pytest.raises(RegistryError):
+        register(tiny_model_dir, "fresh", {}, {"method": "none"}, uri, alias="bad alias!")
+    assert [m.name for m in client.search_registered_models()] == ["m"]
