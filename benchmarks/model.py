@@ -1,6 +1,9 @@
-"""The benchmark model: GPT-2-small-shaped (12 layers, width 768, 12 heads, 50,257 tokens, ~124 M parameters),
-randomly initialised with a fixed seed, so it needs no download. Its weights are random: the benchmark
-measures speed, not text.
+"""The benchmark models, randomly initialised with a fixed seed so they need no download; their weights are
+random, so the benchmarks measure speed, not text.
+
+- ``gpt2``: GPT-2-small-shaped (12 layers, width 768, 12 heads, 50,257 tokens, ~124 M parameters);
+- ``llama``: SmolLM2-135M-shaped (Llama architecture: 30 layers, width 576, 9 query heads over 3 KV heads,
+  MLP 1,536, 49,152 tokens, tied embeddings, ~135 M parameters), the shape of the models people deploy.
 """
 
 from __future__ import annotations
@@ -12,37 +15,54 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from tokenizers import AddedToken
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from pipelines.corpus import demo_corpus, split_documents
 from pipelines.demo_model import cache_root
 from pipelines.train import train_tokenizer
 
-VOCAB = 50257
 SEED = 0
 
 
-def build(path: Path) -> None:
-    """Write the model and a byte-level BPE tokenizer covering all 50,257 ids into ``path``."""
+def gpt2_config(eos: int) -> PretrainedConfig:
+    return GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, bos_token_id=eos, eos_token_id=eos)
+
+
+def llama_config(eos: int) -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
+    )  # fmt: skip
+
+
+MODELS = {"gpt2": (gpt2_config, 50257, "bench-gpt2-small"), "llama": (llama_config, 49152, "bench-llama-smollm2-135m")}
+
+
+def build(kind: str, path: Path) -> None:
+    """Write the ``kind`` model and a byte-level BPE tokenizer covering its whole vocabulary into ``path``."""
+    make_config, vocab, _ = MODELS[kind]
     train_text, _ = split_documents(demo_corpus())
-    tokenizer = train_tokenizer(train_text, VOCAB)
-    # The corpus has fewer distinct merges than GPT-2's vocabulary: fill the rest of the id space with
+    tokenizer = train_tokenizer(train_text, vocab)
+    # The corpus has fewer distinct merges than the vocabulary: fill the rest of the id space with
     # placeholder tokens so every id the random model emits decodes.
-    missing = VOCAB - len(tokenizer)
+    missing = vocab - len(tokenizer)
     if missing > 0:
         tokenizer.add_tokens([AddedToken(f"<|fill{i}|>", special=False) for i in range(missing)])
     torch.manual_seed(SEED)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=1024, n_embd=768, n_layer=12, n_head=12, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    model = GPT2LMHeadModel(config).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(make_config(tokenizer.eos_token_id)).eval()
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
 
-def ensure(root: Path | None = None) -> Path:
+def vocab_size(kind: str) -> int:
+    return MODELS[kind][1]
+
+
+def ensure(kind: str = "gpt2", root: Path | None = None) -> Path:
     """The cached benchmark model directory, built on first use (about a minute)."""
-    path = (root or cache_root()) / "bench-gpt2-small"
+    path = (root or cache_root()) / MODELS[kind][2]
     if (path / "model.safetensors").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +71,7 @@ def ensure(root: Path | None = None) -> Path:
             return path
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         try:
-            build(tmp)
+            build(kind, tmp)
             tmp.rename(path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

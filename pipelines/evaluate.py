@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from predictor.quantized import Int8Linear
+
 METRICS = ("model", "perplexity", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch16", "ttft_s", "bytes_on_disk", "parameters", "peak_rss_bytes")
 PROMPT_TOKENS = 16
 DECODE_TOKENS = 128
@@ -37,9 +39,18 @@ def count_parameters(model) -> int:
         return model.parameter_count()
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        if hasattr(module, "weight") and callable(module.weight):  # dynamic int8 Linear: weights are packed, not parameters
-            total += module.weight().numel() + (0 if module.bias() is None else module.bias().numel())
+        if isinstance(module, Int8Linear):  # int8 weights are buffers, not parameters
+            total += module.weight_t.numel() + (0 if module.bias is None else module.bias.numel())
     return total
+
+
+def _sequences(runner, prompts: list[list[int]], positions: int, all_logits: bool = False) -> list:
+    """Chunks for a fixed batch run straight through the runner (no engine): each with blocks for ``positions``."""
+    from predictor.engine.kv_cache import BlockAllocator
+    from predictor.engine.runner import Chunk
+
+    allocator = BlockAllocator(runner.num_blocks)
+    return [Chunk(i, p, 0, allocator.allocate(allocator.blocks_for(positions)), all_logits) for i, p in enumerate(prompts)]
 
 
 @torch.inference_mode()
@@ -51,7 +62,7 @@ def perplexity(runner, ids: list[int], context: int) -> float:
         window = ids[start : start + context]
         if len(window) < 2:
             break
-        (logits,) = runner.prefill([0], [window], [True])  # (len(window), V)
+        (logits,) = runner.prefill(_sequences(runner, [window], len(window), all_logits=True))  # (len(window), V)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         first = max(scored_until - start, 1)  # score only tokens not scored by an earlier window
         targets = torch.tensor(window[first:])
@@ -65,14 +76,16 @@ def perplexity(runner, ids: list[int], context: int) -> float:
 
 @torch.inference_mode()
 def decode_speed(runner, prompt: list[int], batch: int, tokens: int) -> float:
-    rows = list(range(batch))
-    logits = torch.stack([x[-1] for x in runner.prefill(rows, [prompt] * batch, [False] * batch)])
-    lengths = [len(prompt)] * batch
+    chunks = _sequences(runner, [prompt] * batch, len(prompt) + tokens + 1)
+    logits = torch.stack([x[-1] for x in runner.prefill(chunks)])
     start = time.perf_counter()
     for _ in range(tokens):
-        next_ids = logits.argmax(-1).tolist()
-        logits = runner.decode(next_ids, lengths)
-        lengths = [n + 1 for n in lengths]
+        for chunk, token in zip(chunks, logits.argmax(-1).tolist()):
+            chunk.start += len(chunk.tokens)
+            chunk.tokens = [token]
+        logits = runner.decode(chunks)
+    for chunk in chunks:
+        runner.release(chunk.seq_id)
     return batch * tokens / (time.perf_counter() - start)
 
 
@@ -81,7 +94,7 @@ def time_to_first_token(runner, prompt: list[int]) -> float:
     samples = []
     for _ in range(5):
         start = time.perf_counter()
-        (logits,) = runner.prefill([0], [prompt], [False])
+        (logits,) = runner.prefill(_sequences(runner, [prompt], len(prompt)))
         int(logits[-1].argmax())
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
@@ -89,13 +102,13 @@ def time_to_first_token(runner, prompt: list[int]) -> float:
 
 def measure(model_dir: str, text: str) -> dict:
     """All metrics of one model (run this in a fresh process for an honest peak RSS)."""
-    from predictor.engine.runner import make_runner
+    from predictor.engine.runner import KVPlan, make_runner
     from predictor.loading import load_model
 
     loaded = load_model(model_dir, dtype="float32", device="cpu")
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     parameters = count_parameters(loaded.model)  # before the runner repacks the weights
-    runner = make_runner(loaded.model, 16, loaded.max_model_len, loaded.device)
+    runner = make_runner(loaded.model, KVPlan(None, 16 * loaded.max_model_len), 16, loaded.device)
     prompt = ids[:PROMPT_TOKENS]
     tokens = min(DECODE_TOKENS, loaded.max_model_len - PROMPT_TOKENS - 1)
     decode_speed(runner, prompt, 1, 4)  # warm-up

@@ -81,7 +81,11 @@ class Generation:
                 param="prompt",
             )
         room = limit - len(prompt_ids)
+        cache = self.engine.max_cached_tokens  # one sequence may fill the whole KV-cache pool, no more
         if requested is None:
+            room = min(room, cache - len(prompt_ids))
+            if room < 1:
+                raise InvalidRequest(self._cache_message(len(prompt_ids), 1, cache), param="prompt")
             return room if default is None else min(default, room)
         if requested < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
@@ -91,7 +95,16 @@ class Generation:
                 f"context length is {limit} tokens, so at most {room} tokens can be generated",
                 param="max_tokens",
             )
+        if len(prompt_ids) + requested > cache:
+            raise InvalidRequest(self._cache_message(len(prompt_ids), requested, cache), param="max_tokens")
         return requested
+
+    @staticmethod
+    def _cache_message(prompt: int, requested: int, cache: int) -> str:
+        return (
+            f"the prompt ({prompt} tokens) and max_tokens ({requested}) need {prompt + requested} KV-cache positions, but the "
+            f"server's whole KV cache holds {cache} (--kv_cache_memory); shorten the request or ask the operator for a larger cache"
+        )
 
     def request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False) -> GenerationRequest:
         params.validate(self.loaded.vocab_size)

@@ -138,8 +138,10 @@ def load_model(
         model.to(torch_device).eval()
     limit = _context_length(model)
     if max_model_len is None:
+        if limit is None:
+            raise ModelLoadError("the model config states no context length; pass --max_model_len")
         max_model_len = limit
-    elif max_model_len > limit:
+    elif limit is not None and max_model_len > limit:
         raise ModelLoadError(f"--max_model_len {max_model_len} exceeds the model's context length ({limit})")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     if isinstance(eos, list):
@@ -156,10 +158,11 @@ def load_model(
     )
 
 
-def _context_length(model: PreTrainedModel) -> int:
+def _context_length(model: PreTrainedModel) -> int | None:
+    """The context length the config states, or None (ALiBi models such as BLOOM state none)."""
     config = model.config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ModelLoadError("the model config states no context length; pass --max_model_len")
+    return None

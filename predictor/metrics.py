@@ -14,7 +14,8 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name"])
 WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name"])
-KV_CACHE_USAGE = Gauge("vllm:kv_cache_usage_perc", "Fraction of the preallocated KV cache in use (1 = 100%).", ["model_name"])
+KV_CACHE_USAGE = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (1 = 100%).", ["model_name"])
+PREEMPTIONS = Counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later) because the KV cache was full.", ["model_name"])
 TTFT = Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first generated token.", ["model_name"], buckets=_LATENCY_BUCKETS)
 ITL = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive generated tokens.", ["model_name"], buckets=_LATENCY_BUCKETS)
 E2E = Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the end of a request.", ["model_name"], buckets=_REQUEST_BUCKETS)
@@ -34,6 +35,7 @@ class EngineMetrics:
         self.running = RUNNING.labels(**label)
         self.waiting = WAITING.labels(**label)
         self.kv_cache_usage = KV_CACHE_USAGE.labels(**label)
+        self.preemptions = PREEMPTIONS.labels(**label)
         self.ttft = TTFT.labels(**label)
         self.itl = ITL.labels(**label)
         self.e2e = E2E.labels(**label)

@@ -23,7 +23,7 @@ from .metrics import EngineMetrics
 from .protocols import v1, v2
 from .sampling import GenerationRequest, InvalidRequest, SamplingParams
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
 
 
 class LLMModel(kserve.Model):
@@ -53,6 +53,7 @@ class LLMModel(kserve.Model):
         logger.info("loaded %s (%s, %s, max_model_len=%d)", self.model_dir, loaded.device, loaded.dtype, loaded.max_model_len)
         engine = Engine(loaded, self.engine_config, EngineMetrics(self.name))
         engine.start()
+        logger.info("model runner: %s", engine.runner.path)
         self.generation = Generation(loaded, engine)
         self._warm_up(engine, loaded.eos_token_id or 0)
         self._engine = engine

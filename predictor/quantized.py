@@ -1,20 +1,21 @@
-"""The int8 model directory: dynamic int8 quantization of every projection, written and read as safetensors.
+"""The int8 model directory: int8 weights for every projection, written and read as safetensors.
 
 A directory with ``quantization.json`` holds a Hugging Face model whose listed projections (GPT-2's
 ``Conv1D`` included, converted to ``nn.Linear`` first) are int8 weights with one float scale per output
-channel; activations are quantized per call (dynamic quantization, PyTorch's x86/fbgemm kernels).
-Everything else (embeddings, layer norms) stays float32. ``predictor.loading`` reads it; the pipeline's
-``optimize --method int8`` writes it.
+channel (symmetric). Everything else (embeddings, norms) stays float32. ``predictor.loading`` reads it;
+the pipeline's ``optimize --method int8`` writes it.
 
-torchao's int8 configs are the successor API, but without ``torch.compile`` they run about 10x slower
-than float32 on CPU (measured: 8.2 ms vs 0.86 ms for a 768x3072 layer at batch 1), so this uses
-``torch.ao.quantization.quantize_dynamic``, guarded for its presence.
+At run time each row of activations is quantized to int8 with its own scale (dynamic per-token
+quantization, as vLLM's W8A8 kernels do) and multiplied with ``torch._int_mm``. Per-token, not
+per-tensor: PyTorch's dynamic ``quantize_dynamic`` Linear shares one activation scale across the whole
+batch, so a batch neighbour changes a sequence's numbers and greedy output would depend on the traffic
+beside it (measured: it diverged within a few tokens on a test model). torchao's int8 configs are the
+successor API, but without ``torch.compile`` they run about 10x slower than float32 on CPU.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,12 +29,28 @@ FORMAT = "kserve-llm/int8-dynamic-per-channel"
 WEIGHTS = "model.safetensors"
 
 
-def _dynamic_linear_cls() -> type[nn.Module]:
-    try:
-        from torch.ao.nn.quantized.dynamic import Linear
-    except ImportError as exc:  # a torch without the ao dynamic kernels
-        raise RuntimeError("this torch build has no dynamic int8 Linear (torch.ao.nn.quantized.dynamic)") from exc
-    return Linear
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W int8 (one scale per output channel) and x quantized per row. x: (..., in) → (..., out)."""
+
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_t", weight_int8.t().contiguous())  # (in, out): _int_mm's right operand
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        return self.weight_t.t()  # (out, in), as saved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()  # (M, in)
+        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0  # (M, 1)
+        q = torch.round(rows / x_scale).to(torch.int8)
+        y = torch._int_mm(q, self.weight_t).float() * (x_scale * self.scale)  # (M, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def to_linear(module: nn.Module) -> nn.Linear:
@@ -58,23 +75,19 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _quantize_linear(linear: nn.Linear) -> nn.Module:
+def _quantize_linear(linear: nn.Linear) -> Int8Linear:
     weight = linear.weight.detach().float()
     scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # symmetric, per output channel
-    q = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-    out = _dynamic_linear_cls()(linear.in_features, linear.out_features, dtype=torch.qint8)
-    out.set_weight_bias(q, None if linear.bias is None else linear.bias.detach().float())
-    return out
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Linear(q, scale, linear.bias)
 
 
 @torch.no_grad()
 def quantize(model: PreTrainedModel) -> list[str]:
-    """Replace every projection with a dynamic int8 Linear, in place; returns the quantized module names."""
+    """Replace every projection with an ``Int8Linear``, in place; returns the quantized module names."""
     names = projection_names(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's notice that qint8 tensors move to torchao
-        for name in names:
-            _set_module(model, name, _quantize_linear(to_linear(model.get_submodule(name))))
+    for name in names:
+        _set_module(model, name, _quantize_linear(to_linear(model.get_submodule(name))))
     return names
 
 
@@ -84,12 +97,10 @@ def save(model: PreTrainedModel, names: list[str], output_dir: Path, source: str
     quantized = set(names)
     for name, module in model.named_modules():
         if name in quantized:
-            w = module.weight()
-            tensors[f"{name}.weight_int8"] = w.int_repr().contiguous()
-            tensors[f"{name}.weight_scale"] = w.q_per_channel_scales().float().contiguous()
-            bias = module.bias()
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.detach().contiguous()
+            tensors[f"{name}.weight_int8"] = module.weight_int8.contiguous()
+            tensors[f"{name}.weight_scale"] = module.scale
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias
     for key, value in model.state_dict().items():
         if not any(key.startswith(n + ".") for n in quantized) and isinstance(value, torch.Tensor) and value.is_floating_point():
             tensors.setdefault(key, value.detach().contiguous())
@@ -121,12 +132,6 @@ def load(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedModel:
     missing = [k for k in missing if not any(k.startswith(n + ".") for n in names)]
     if missing or unexpected:
         raise ValueError(f"{model_dir}: int8 weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    Linear = _dynamic_linear_cls()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for name, (q8, scale, bias) in int8_parts.items():
-            weight = torch._make_per_channel_quantized_tensor(q8, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
-            module = Linear(q8.shape[1], q8.shape[0], dtype=torch.qint8)
-            module.set_weight_bias(weight, bias)
-            _set_module(model, name, module)
+    for name, (q8, scale, bias) in int8_parts.items():
+        _set_module(model, name, Int8Linear(q8, scale, bias))
     return model.eval()

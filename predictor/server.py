@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="Largest accepted HTTP request body; larger ones get 413.")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max_num_seqs", type=_positive, default=16, help="Running batch limit (sequences decoded together); sizes the KV cache.")
+    engine.add_argument("--max_num_seqs", type=_positive, default=16, help="Running batch limit (sequences decoded together).")
+    engine.add_argument(
+        "--kv_cache_memory",
+        type=_size,
+        default=None,
+        help="Bytes for the paged KV cache (4Gi, 256Mi, 512M, ...). Default: on CUDA 80%% of the device memory free after "
+        "loading the weights; on CPU 4Gi. Never more than max_num_seqs × max_model_len positions need.",
+    )
     engine.add_argument(
         "--max_queue", type=_non_negative, default=256, help="Waiting requests beyond the running batch; more get 429 (gRPC RESOURCE_EXHAUSTED)."
     )
@@ -78,6 +85,15 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return number
+
+
+def _size(value: str) -> int:
+    from .engine.kv_cache import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative(value: str) -> int:
@@ -157,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: the engine owns the model in one process; scale with replicas instead")
+    if args.configure_logging:  # before loading, so that start-up messages (which runner, the KV cache) are logged
+        from kserve.logging import configure_logging
+
+        configure_logging(args.log_config_file)
     raw = argv if argv is not None else os.sys.argv[1:]
     explicit = any(a == "--model_dir" or a.startswith("--model_dir=") for a in raw)
     try:
@@ -176,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             max_queue=args.max_queue,
             request_timeout=args.request_timeout,
             max_prefill_tokens=args.max_prefill_tokens,
+            kv_cache_memory=args.kv_cache_memory,
         ),
     )
     try:

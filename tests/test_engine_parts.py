@@ -114,3 +114,59 @@ def test_training_is_deterministic(tmp_path: Path):
     assert a["train_loss"] == b["train_loss"]
     assert a["train_loss"][-1] < a["train_loss"][0]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+class FakeSequence:
+    """A stand-in for the engine's ``Sequence``: only what the scheduler reads and writes."""
+
+    def __init__(self, prompt_len: int):
+        self.tokens_to_prefill = [1] * prompt_len
+        self.blocks: list[int] = []
+        self.length = prompt_len
+
+
+def test_scheduler_admits_by_blocks_and_preempts_the_newest():
+    from predictor.engine.kv_cache import BlockAllocator
+    from predictor.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockAllocator(6, block_size=16), max_num_seqs=8, max_prefill_tokens=1000)  # 5 usable blocks
+    seqs = [FakeSequence(16) for _ in range(4)]
+    scheduler.waiting.extend(seqs)
+    admitted = scheduler.admit()
+    # each needs 1 block and leaves one spare per running sequence: 3 fit (5-1 ≥ 0, 4-1 ≥ 1, 3-1 ≥ 2), the 4th waits
+    assert admitted == seqs[:3] and list(scheduler.waiting) == seqs[3:]
+    assert sorted(b for s in admitted for b in s.blocks) == [1, 2, 3] and 0 not in scheduler.allocator._free
+    preempted = scheduler.reserve_decode()  # position 16 starts a second block for all three; only 2 are free
+    assert preempted == [seqs[2]] and scheduler.running == seqs[:2]
+    assert [len(s.blocks) for s in seqs[:2]] == [2, 2] and seqs[2].blocks == [] and seqs[2].length == 0
+    assert list(scheduler.waiting) == [seqs[2], seqs[3]] and scheduler.preemptions == 1
+    assert scheduler.usage == 4 / 5
+    scheduler.free(seqs[0])
+    assert scheduler.allocator.free == 3 and scheduler.running == [seqs[1]]
+
+
+def test_scheduler_respects_the_prefill_budget_and_batch_limit():
+    from predictor.engine.kv_cache import BlockAllocator
+    from predictor.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockAllocator(100, block_size=16), max_num_seqs=3, max_prefill_tokens=40)
+    seqs = [FakeSequence(n) for n in (50, 10, 10, 10, 10)]
+    scheduler.waiting.extend(seqs)
+    assert scheduler.admit() == seqs[:1]  # one prompt always may, even over the budget
+    assert scheduler.admit() == seqs[1:3]  # the batch limit (3) stops the rest
+    assert len(scheduler.waiting) == 2
+
+
+@pytest.mark.parametrize(("text", "expected"), [("4Gi", 4 << 30), ("256Mi", 256 << 20), ("512M", 512 * 10**6), ("1048576", 1 << 20), ("1.5Ki", 1536)])
+def test_kv_cache_memory_sizes(text, expected):
+    from predictor.engine.kv_cache import parse_bytes
+
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1Gi", "4 GiB of it", "0"])
+def test_kv_cache_memory_bad_sizes(text):
+    from predictor.engine.kv_cache import parse_bytes
+
+    with pytest.raises(ValueError, match="size"):
+        parse_bytes(text)

@@ -67,9 +67,44 @@ def test_v2_grpc_with_kserve_client(server, reference):
         return response
 
     response = asyncio.run(run())
-    texts = response.outputs[0].as_string() if hasattr(response.outputs[0], "as_string") else response.outputs[0].data
-    texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
+    texts = [t.decode() for t in response.outputs[0].as_numpy()]  # the answer travels as raw_output_contents, as Triton's
     assert texts == [reference[p] for p in PROMPTS]
+
+
+TRITON_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+port, model, prompts, max_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+tensor = triton.InferInput("text_input", [len(prompts)], "BYTES")
+tensor.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=np.object_))
+result = client.infer(model, [tensor], parameters={"max_tokens": max_tokens, "temperature": "0"}, client_timeout=60)
+texts = result.as_numpy("text_output")
+print(json.dumps({"shape": list(texts.shape), "texts": [t.decode() for t in texts],
+                  "typed_contents": result.get_response().outputs[0].HasField("contents")}))
+client.close()
+"""
+
+
+def test_v2_grpc_with_triton_client(server, reference):
+    """Triton's own gRPC client: ``as_numpy`` reads the answer from ``raw_output_contents``, as from Triton.
+
+    In its own process: tritonclient's and KServe's generated protos both define the ``inference`` package,
+    and one process's protobuf registry refuses the second."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", TRITON_CLIENT, str(server.grpc_port), MODEL_NAME, json.dumps(PROMPTS), str(MAX_TOKENS)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["shape"] == [len(PROMPTS)]
+    assert result["texts"] == [reference[p] for p in PROMPTS]
+    assert result["typed_contents"] is False
 
 
 def test_v2_grpc_invalid_parameter_is_invalid_argument(server):

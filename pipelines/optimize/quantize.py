@@ -13,9 +13,8 @@ from . import OptimizationError, copy_tokenizer
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
-    if hasattr(module, "weight") and callable(module.weight):  # a dynamic quantized Linear
-        w = module.weight()
-        return w.numel() + w.q_per_channel_scales().numel() * 4
+    if isinstance(module, quantized.Int8Linear):
+        return module.weight_t.numel() + module.scale.numel() * 4
     return module.weight.numel() * module.weight.element_size()
 
 

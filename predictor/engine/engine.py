@@ -1,20 +1,21 @@
 """The continuous-batching engine: every protocol's requests in, streamed ``StepOutput``s out.
 
 One background thread owns the model. Each iteration it (1) drops cancelled and timed-out sequences,
-(2) admits waiting requests into free KV-cache rows, within a prefill token budget, and prefills them
-in one batch, (3) runs one batched decode step over every running sequence, each row with its own
-position, sampling parameters and generator. A sequence that finishes leaves at once and its row is
-reused by the next admission. The asyncio side only submits requests and awaits outputs, so HTTP and
-gRPC stay responsive while tensors are computed.
+(2) admits waiting requests (``scheduler.py``: batch room, prefill budget, KV-cache blocks) and
+prefills them in one forward, (3) gives every running sequence the KV-cache block its next token needs
+(preempting the newest when the pool is empty) and runs one batched decode step over all of them, each
+with its own position, sampling parameters and generator. A sequence that finishes leaves at once and
+its blocks go to the next admission. The asyncio side only submits requests and awaits outputs, so
+HTTP and gRPC stay responsive while tensors are computed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,8 +25,10 @@ from ..loading import LoadedModel
 from ..metrics import EngineMetrics
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
 from .detokenizer import Detokenizer
-from .runner import ModelRunner, make_runner
+from .kv_cache import BlockAllocator
+from .runner import Chunk, KVPlan, ModelRunner, make_runner
 from .sampler import sample, token_logprob
+from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class EngineConfig:
     max_queue: int = 256
     request_timeout: float = 600.0
     max_prefill_tokens: int = 2048
+    kv_cache_memory: int | None = None  # bytes; None: the device default (kv_cache.py)
 
 
 @dataclass(eq=False)
@@ -63,7 +67,8 @@ class Sequence:
     outputs: asyncio.Queue
     arrival: float
     cancelled: threading.Event = field(default_factory=threading.Event)
-    row: int = -1
+    seq_id: int = -1
+    blocks: list[int] = field(default_factory=list)  # the KV-cache block table
     length: int = 0  # positions in the KV cache
     pending: int = -1  # the last sampled token, fed at the next decode step
     output_ids: list[int] = field(default_factory=list)
@@ -74,6 +79,11 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def tokens_to_prefill(self) -> list[int]:
+        """The prompt, and after a preemption the tokens generated so far (recomputed into the cache)."""
+        return self.request.prompt_ids + self.output_ids
 
     async def stream(self) -> AsyncIterator[StepOutput]:
         """This request's outputs; the last has ``finish_reason``. Leaving early cancels the request."""
@@ -105,8 +115,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.metrics = metrics
         self.runner: ModelRunner | None = None  # built in the engine thread, see start()
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i].row == i
+        self.scheduler: Scheduler | None = None  # built with the runner: it needs the pool's size
+        self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._accepting = True
@@ -127,7 +137,9 @@ class Engine:
 
         def run() -> None:
             try:
-                self.runner = make_runner(self.loaded.model, self.config.max_num_seqs, self.loaded.max_model_len, self.loaded.device)
+                plan = KVPlan(self.config.kv_cache_memory, self.config.max_num_seqs * self.loaded.max_model_len)
+                self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device)
+                self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks), self.config.max_num_seqs, self.config.max_prefill_tokens)
             except BaseException as exc:
                 failure.append(exc)
                 return
@@ -142,9 +154,23 @@ class Engine:
             self._thread = None
             raise failure[0]
 
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def max_cached_tokens(self) -> int:
+        """The most positions one sequence can hold: the whole KV-cache pool."""
+        allocator = self.scheduler.allocator
+        return allocator.capacity * allocator.block_size
+
     def submit(self, request: GenerationRequest) -> Sequence:
         """Queue a request; raises ``QueueFull`` or ``EngineStopped`` at once instead of accepting it."""
-        seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), time.monotonic(), seq_id=next(self._ids))
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and takes no new requests")
@@ -236,17 +262,11 @@ class Engine:
                 self._remove(seq)
 
     def _admit(self, now: float) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        budget = self.config.max_prefill_tokens
         with self._cond:
-            while self.waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
-                n = len(self.waiting[0].request.prompt_ids)
-                if admitted and n > budget:
-                    break
-                seq = self.waiting.popleft()
-                budget -= n
-                admitted.append(seq)
+            admitted = self.scheduler.admit()
         for seq in admitted:
+            if seq.detok is not None:  # re-admitted after a preemption: its state carries on
+                continue
             params = seq.request.params
             seq.generator = torch.Generator(device=self.loaded.device)
             seq.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -257,22 +277,31 @@ class Engine:
         return admitted
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        first_row = len(self.running)
-        for i, seq in enumerate(admitted):
-            seq.row = first_row + i
-            seq.length = len(seq.request.prompt_ids)
-            self.running.append(seq)
-        logits = self.runner.prefill([s.row for s in admitted], [s.request.prompt_ids for s in admitted], [s.request.prompt_logprobs for s in admitted])
+        chunks = []
+        for seq in admitted:
+            # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
+            every = seq.request.prompt_logprobs and not seq.output_ids
+            chunks.append(Chunk(seq.seq_id, seq.tokens_to_prefill, 0, seq.blocks, every))
+            seq.length = len(chunks[-1].tokens)
+        logits = self.runner.prefill(chunks)
         last = []
-        for seq, row_logits in zip(admitted, logits):
-            if seq.request.prompt_logprobs:
-                seq.prompt_logprobs = _prompt_logprobs(row_logits, seq.request.prompt_ids, seq.request.params.logprobs or 0)
-            last.append(row_logits[-1])
+        for seq, chunk, seq_logits in zip(admitted, chunks, logits):
+            if chunk.all_logits:
+                seq.prompt_logprobs = _prompt_logprobs(seq_logits, seq.request.prompt_ids, seq.request.params.logprobs or 0)
+            last.append(seq_logits[-1])
         self._sample_and_emit(admitted, torch.stack(last))
 
     def _decode(self) -> None:
+        with self._cond:
+            preempted = self.scheduler.reserve_decode()
+        for seq in preempted:
+            self.runner.release(seq.seq_id)
+            if self.metrics:
+                self.metrics.preemptions.inc()
         batch = list(self.running)
-        logits = self.runner.decode([s.pending for s in batch], [s.length for s in batch])
+        if not batch:
+            return
+        logits = self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks) for s in batch])
         for seq in batch:
             seq.length += 1
         self._sample_and_emit(batch, logits)
@@ -336,24 +365,16 @@ class Engine:
         return out
 
     def _remove(self, seq: Sequence) -> None:
-        """Free the sequence's row; the last running row moves into it to keep rows contiguous."""
-        row = seq.row
-        if row < 0 or row >= len(self.running) or self.running[row] is not seq:
-            return
-        last = self.running.pop()
-        if last is not seq:
-            self.runner.move(last.row, row, last.length)
-            last.row = row
-            self.running[row] = last
-        else:
-            self.runner.release(row)
-        seq.row = -1
+        """The sequence leaves the batch; its KV-cache blocks return to the pool."""
+        with self._cond:
+            self.scheduler.free(seq)
+        self.runner.release(seq.seq_id)
 
     def _update_gauges(self) -> None:
         if self.metrics:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.waiting))
-            self.metrics.kv_cache_usage.set(self.runner.usage([s.length for s in self.running]))
+            self.metrics.kv_cache_usage.set(self.scheduler.usage)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top_n: int) -> list[TokenLogprob | None]:

@@ -1,36 +1,125 @@
-"""The preallocated KV cache: one (max_num_seqs, max_model_len, heads, head_dim) tensor pair per layer.
+"""The paged KV cache: fixed-size blocks in one pool per layer, a block table per sequence.
 
-Memory is fixed at start-up by ``--max_num_seqs`` and ``--max_model_len``, never by traffic. Running
-sequences always occupy rows ``0 .. B-1``; when one leaves, the last row moves into its place, so a
-decode step attends over the view ``k[:B, :L]`` without gathering. Position-major rows make each new
-token's keys one contiguous (heads × head_dim) block, written with a single ``index_copy_``.
+Each layer's keys and values live in a pool of shape (num_blocks, block_size, kv_heads, head_dim);
+position p of a sequence is slot ``table[p // block_size] * block_size + p % block_size``. The pool is
+sized by memory (``--kv_cache_memory``), not by ``max_num_seqs × max_model_len``: a sequence takes
+blocks as it grows and returns them when it leaves, so long contexts cost only what they use.
+
+Block 0 is never handed out: it pads block tables to a common length in a batched gather, and its
+positions are always masked out. Pools are zero-filled, so padding never brings NaN into attention.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import torch
 
+BLOCK_SIZE = 16
+# --kv_cache_memory on CPU when not given: like vLLM's VLLM_CPU_KVCACHE_SPACE (4 GiB), but never more
+# than max_num_seqs × max_model_len positions need.
+DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+# On CUDA: this fraction of the device memory free after loading the weights (vLLM: --gpu-memory-utilization).
+DEFAULT_CUDA_KV_CACHE_FRACTION = 0.8
 
-class KVCache:
-    def __init__(self, n_layers: int, max_seqs: int, n_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (max_seqs, max_len, n_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_seqs = max_seqs
-        self.max_len = max_len
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4Gi"``, ``"256Mi"``, ``"512M"``, ``"1073741824"`` → bytes (Kubernetes quantity suffixes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size: use a number of bytes with an optional unit (Ki, Mi, Gi, K, M, G), e.g. 4Gi")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+    if value < 1:
+        raise ValueError(f"{text!r}: the size must be at least one byte")
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one attention layer stores per position."""
+
+    kv_heads: int
+    head_dim: int
+
+
+def bytes_per_token(layers: list[LayerSpec], dtype: torch.dtype) -> int:
+    """Keys and values of one position across every layer."""
+    return sum(2 * spec.kv_heads * spec.head_dim for spec in layers) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_blocks(budget_bytes: int, per_token: int, max_tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """How many blocks (the null block included) the budget holds, capped at what ``max_tokens`` positions need."""
+    by_memory = budget_bytes // (per_token * block_size)
+    needed = -(-max_tokens // block_size) + 1
+    return max(0, min(by_memory, needed))
+
+
+class BlockAllocator:
+    """Free block ids; block 0 is reserved. Only the engine thread calls it."""
+
+    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+
+    @property
+    def capacity(self) -> int:
+        """Usable blocks (all but the null block)."""
+        return self.num_blocks - 1
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"{n} KV-cache blocks asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    """The per-layer pools. ``write`` stores new positions by slot, ``gather`` reads whole sequences by block table."""
+
+    def __init__(self, layers: list[LayerSpec], num_blocks: int, dtype: torch.dtype, device: torch.device, block_size: int = BLOCK_SIZE):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.k = [torch.zeros(num_blocks, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
+        self.v = [torch.zeros(num_blocks, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row ``src``'s first ``length`` positions into row ``dst`` (every layer)."""
-        for k, v in zip(self.k, self.v):
-            k[dst, :length] = k[src, :length]
-            v[dst, :length] = v[src, :length]
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (N, kv_heads, head_dim) for the N slots in ``slots`` (N,)."""
+        pool_k, pool_v = self.k[layer], self.v[layer]
+        pool_k.view(-1, *pool_k.shape[2:]).index_copy_(0, slots, k)
+        pool_v.view(-1, *pool_v.shape[2:]).index_copy_(0, slots, v)
 
-    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one new token per row: k, v (B, heads, head_dim) at (rows[b], positions[b])."""
-        flat = rows * self.max_len + positions  # index into the (max_seqs * max_len) flattened rows
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, flat, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, flat, v)
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tables: (B, nb) block ids → keys, values (B, kv_heads, nb * block_size, head_dim)."""
+        B, nb = tables.shape
+        flat = tables.reshape(-1)
+        k = self.k[layer].index_select(0, flat)  # (B * nb, bs, KVH, D)
+        v = self.v[layer].index_select(0, flat)
+        return k.view(B, nb * self.block_size, *k.shape[2:]).transpose(1, 2), v.view(B, nb * self.block_size, *v.shape[2:]).transpose(1, 2)

@@ -1,215 +1,277 @@
-"""Model runners: prefill new sequences, then run one batched decode step over every running sequence.
+"""Model runners: run a step's new tokens through the model and return the logits to sample from.
 
-Tensors and devices live here and nowhere else; the engine passes token ids and row numbers in and
-gets logits out. Rows are the KV cache rows of ``kv_cache.py``: running sequences occupy rows 0..B-1.
+Tensors and devices live here and nowhere else; the engine passes ``Chunk``s in (token ids, positions,
+KV-cache blocks) and gets logits out.
 
-``GPT2Runner`` is the fast path (GPT-2 family: the demo model, GPT-2 and its pruned, distilled or
-quantized variants). It calls the model's own modules for every projection, layer norm and MLP, so a
-quantized module works unchanged, and does attention itself over the preallocated cache with per-row
-positions and masks. On CPU its projections are first prepacked for oneDNN (``packing.py``); the
-runner owns the model from then on. ``HFRunner`` serves any other causal LM through its own ``forward`` and a cache per
-sequence: correct, but its decode runs row by row. ``OnnxRunner`` runs an exported graph with ONNX
-Runtime (``predictor.onnx_model``), also row by row.
+``PagedRunner`` serves every decoder-only model that transformers implements with its attention
+interface (``_supports_attention_backend``: GPT-2, Llama, Mistral, Qwen 2/3, Gemma 2/3, Phi-3,
+GPT-NeoX, OPT, OLMo 2, Granite, …). The model's own modules do embeddings, norms, rotary embeddings,
+MLP and LM head; ``attention.paged_attention`` does attention over the engine's paged KV cache. All of
+a step's sequences go through one forward as one flat row of tokens, each with its own position, so
+a decode step is one batched pass however different the sequences' lengths. On CPU the projections
+are first prepacked for oneDNN (``packing.py``); the runner owns the model from then on.
+
+``HFRunner`` is the fallback for any other causal LM (models whose attention transformers does not
+route through the interface, or remote code): its own ``forward`` and a cache per sequence, correct
+but decoded row by row. ``OnnxRunner`` runs an exported graph with ONNX Runtime, also row by row.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from ..onnx_model import OnnxModel
-from .kv_cache import KVCache
-from .packing import can_pack, pack_gpt2
+from . import kv_cache
+from .attention import ATTN_IMPLEMENTATION, StepBatch
+from .kv_cache import BLOCK_SIZE, LayerSpec, PagedKVCache
+from .packing import can_pack, pack_model
 
-# Prefill lengths are padded up to a multiple of this, so that oneDNN meets few distinct shapes: each new
-# shape builds (and caches) new kernels, and unbounded shape variety would grow memory with traffic.
+logger = logging.getLogger(__name__)
+
+# A prefill's flat row is padded up to a multiple of this many tokens, so that oneDNN meets few distinct
+# shapes: each new shape builds (and caches) new kernels, and unbounded shape variety grows memory with traffic.
 PREFILL_BUCKET = 16
 
 
+@dataclass
+class Chunk:
+    """One sequence's share of a step: ``tokens`` go at positions ``start, start+1, …``.
+
+    ``blocks`` is the sequence's block table, already long enough for ``start + len(tokens)`` positions.
+    ``all_logits``: return logits for every new token (prompt logprobs), not only the last.
+    """
+
+    seq_id: int
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+    all_logits: bool = False
+
+
+@dataclass
+class KVPlan:
+    """How much KV cache to build: ``budget_bytes`` (None: the device default) for at most ``max_tokens`` positions."""
+
+    budget_bytes: int | None
+    max_tokens: int
+
+
 class ModelRunner(ABC):
-    @abstractmethod
-    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
-        """Run new prompts into ``rows``; per prompt, logits (len, V) if ``all_logits`` else (1, V)."""
+    num_blocks: int  # the pool's blocks, the null block included
+    path: str  # which runner serves the model and why, for the start-up log
 
     @abstractmethod
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """Feed ``tokens[b]`` at position ``lengths[b]`` of row b (b = 0..B-1); return logits (B, V)."""
+    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Run new tokens; per chunk, logits (len, V) if ``all_logits`` else (1, V)."""
 
     @abstractmethod
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Row ``src`` now lives in row ``dst`` (``length`` positions filled)."""
+    def decode(self, chunks: list[Chunk]) -> torch.Tensor:
+        """One token per chunk at position ``start``; logits (B, V)."""
 
     @abstractmethod
-    def release(self, row: int) -> None:
-        """Row ``row`` is free (its sequence left and no other row moved into it)."""
-
-    def usage(self, lengths: list[int]) -> float:
-        """Fraction of the KV cache holding live positions."""
-        return 0.0
+    def release(self, seq_id: int) -> None:
+        """The sequence left (finished, cancelled or preempted); runners with per-sequence state drop it."""
 
 
-def make_runner(model: PreTrainedModel | OnnxModel, max_num_seqs: int, max_model_len: int, device: torch.device) -> ModelRunner:
+def make_runner(model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device) -> ModelRunner:
     if isinstance(model, OnnxModel):
-        return OnnxRunner(model)
-    if GPT2Runner.supports(model):
-        return GPT2Runner(model, max_num_seqs, max_model_len, device)
-    return HFRunner(model, device)
+        return OnnxRunner(model, plan)
+    reason = PagedRunner.unsupported(model)
+    if reason is None:
+        try:
+            return PagedRunner(model, plan, max_num_seqs, device)
+        except UnsupportedModel as exc:
+            reason = str(exc)
+    runner = HFRunner(model, plan, device)
+    runner.path = f"HFRunner (row-by-row fallback): {reason}"
+    return runner
 
 
-class GPT2Runner(ModelRunner):
-    def __init__(self, model: PreTrainedModel, max_num_seqs: int, max_model_len: int, device: torch.device):
-        cfg = model.config
-        self.model = model
-        self.tr = model.transformer
-        self.n_head = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.device = device
-        dtype = next(model.parameters()).dtype
-        if not dtype.is_floating_point:  # quantized weights: activations stay float32
-            dtype = torch.float32
-        self.cache = KVCache(cfg.n_layer, max_num_seqs, cfg.n_head, max_model_len, self.head_dim, dtype, device)
-        self.packed = pack_gpt2(model, max_num_seqs) if can_pack(device, dtype) else 0
+class UnsupportedModel(Exception):
+    """The paged runner cannot serve this model; the message says why (logged at start-up)."""
 
+
+def _cache_dtype(model: PreTrainedModel) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype.is_floating_point else torch.float32  # quantized weights: activations stay float32
+
+
+def _budget(plan: KVPlan, device: torch.device) -> int:
+    if plan.budget_bytes is not None:
+        return plan.budget_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * kv_cache.DEFAULT_CUDA_KV_CACHE_FRACTION)
+    return kv_cache.DEFAULT_CPU_KV_CACHE_BYTES
+
+
+class PagedRunner(ModelRunner):
     @staticmethod
-    def supports(model: PreTrainedModel) -> bool:
-        cfg = model.config
-        return (
-            cfg.model_type == "gpt2"
-            and hasattr(model, "transformer")
-            and not getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
-            and not getattr(cfg, "reorder_and_upcast_attn", False)
-            and getattr(cfg, "scale_attn_weights", True)
+    def unsupported(model: PreTrainedModel) -> str | None:
+        """Why the paged runner cannot take ``model``, or None if it can."""
+        if not getattr(model, "_supports_attention_backend", False):
+            return f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+        if getattr(model.config, "is_encoder_decoder", False):
+            return "encoder-decoder models are not served by the paged runner"
+        return None
+
+    def __init__(self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device):
+        self.model = model
+        self.device = device
+        self.dtype = _cache_dtype(model)
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except (ValueError, ImportError) as exc:
+            raise UnsupportedModel(f"{type(model).__name__} refuses a custom attention implementation: {exc}") from None
+        self.layers = self._probe_layers()
+        per_token = kv_cache.bytes_per_token(self.layers, self.dtype)
+        budget = _budget(plan, device)
+        self.num_blocks = kv_cache.plan_blocks(budget, per_token, plan.max_tokens)
+        if self.num_blocks < 2:
+            raise ValueError(
+                f"--kv_cache_memory {kv_cache.format_bytes(budget)} holds no KV-cache block of this model "
+                f"({BLOCK_SIZE} positions × {kv_cache.format_bytes(per_token)} per position); raise it"
+            )
+        self.cache = PagedKVCache(self.layers, self.num_blocks, self.dtype, device)
+        packed = pack_model(model, max_num_seqs) if can_pack(device, self.dtype) else (0, 0)
+        self.path = (
+            f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
+            f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "
+            f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]})"
         )
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape  # (B, T, C) -> (B, H, T, D)
-        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+    @torch.inference_mode()
+    def _probe_layers(self) -> list[LayerSpec]:
+        """Run one token through the model, recording each attention layer's KV heads and head size."""
+        found: dict[int, LayerSpec] = {}
+        batch = StepBatch(cache=None, decode=False, slots=torch.zeros(1, dtype=torch.long), query_starts=[0, 1], start_positions=[0], probe=found)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, step_batch=batch)
+        if not found or sorted(found) != list(range(len(found))):
+            raise UnsupportedModel(f"{type(self.model).__name__}'s attention layers did not all reach the registered attention function")
+        return [found[i] for i in range(len(found))]
+
+    def _slots(self, chunk: Chunk) -> list[int]:
+        bs = BLOCK_SIZE
+        return [chunk.blocks[p // bs] * bs + p % bs for p in range(chunk.start, chunk.start + len(chunk.tokens))]
+
+    def _tables(self, chunks: list[Chunk]) -> torch.Tensor:
+        width = max(len(c.blocks) for c in chunks)
+        return torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in chunks], device=self.device)
+
+    def _forward(self, chunks: list[Chunk], batch: StepBatch, keep: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        ids = torch.tensor([[t for c in chunks for t in c.tokens] + [0] * pad], device=self.device)  # (1, N)
+        positions = torch.tensor([[p for c in chunks for p in range(c.start, c.start + len(c.tokens))] + list(range(pad))], device=self.device)
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep, step_batch=batch)
+        return out.logits[0].float()  # (K, V)
 
     @torch.inference_mode()
-    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
-        lengths = [len(p) for p in prompts]
-        T = min(-(-max(lengths) // PREFILL_BUCKET) * PREFILL_BUCKET, self.cache.max_len)
-        padded = [p + [0] * (T - len(p)) for p in prompts]  # right padding: causal attention never sees it
-        input_ids = torch.tensor(padded, device=self.device)  # (N, T)
-        positions = torch.arange(T, device=self.device).expand(len(prompts), T)
-        row_idx = torch.tensor(rows, device=self.device)
-        x = self.tr.wte(input_ids) + self.tr.wpe(positions)  # (N, T, C)
-        for i, block in enumerate(self.tr.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
-            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (N, H, T, D)
-            self.cache.k[i][row_idx, :T] = k.transpose(1, 2)  # cache rows are (T, H, D)
-            self.cache.v[i][row_idx, :T] = v.transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, H, T, D)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
-            x = x + block.mlp(block.ln_2(x))
-        x = self.tr.ln_f(x)
-        out = []
-        for n, (length, every) in enumerate(zip(lengths, all_logits)):
-            h = x[n, :length] if every else x[n, length - 1 : length]
-            out.append(self.model.lm_head(h).float())
+    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        starts = [0]
+        for c in chunks:
+            starts.append(starts[-1] + len(c.tokens))
+        pad = -starts[-1] % PREFILL_BUCKET  # padding: one more "sequence" whose keys go to the null block
+        slots = torch.tensor([s for c in chunks for s in self._slots(c)] + [0] * pad, device=self.device)
+        cached = any(c.start > 0 for c in chunks)
+        batch = StepBatch(
+            self.cache,
+            False,
+            slots,
+            starts + ([starts[-1] + pad] if pad else []),
+            [c.start for c in chunks] + ([0] if pad else []),
+            block_tables=self._tables(chunks) if cached else None,
+        )
+        keep = [i for c, a, b in zip(chunks, starts, starts[1:]) for i in (range(a, b) if c.all_logits else [b - 1])]
+        logits = self._forward(chunks, batch, torch.tensor(keep, device=self.device), pad)
+        out, at = [], 0
+        for c in chunks:
+            n = len(c.tokens) if c.all_logits else 1
+            out.append(logits[at : at + n])
+            at += n
         return out
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        B = len(tokens)
-        L = max(lengths) + 1
-        input_ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
-        pos = torch.tensor(lengths, device=self.device)  # (B,)
-        rows = torch.arange(B, device=self.device)
-        # (B, 1, 1, L): row b attends to its own positions 0..lengths[b]
-        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        x = self.tr.wte(input_ids) + self.tr.wpe(pos.unsqueeze(1))  # (B, 1, C)
-        for i, block in enumerate(self.tr.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
-            q = self._split_heads(q)  # (B, H, 1, D)
-            self.cache.write(i, rows, pos, k.view(B, self.n_head, self.head_dim), v.view(B, self.n_head, self.head_dim))
-            keys = self.cache.k[i][:B, :L].transpose(1, 2)  # (B, H, L, D), a view
-            values = self.cache.v[i][:B, :L].transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, D)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, -1))
-            x = x + block.mlp(block.ln_2(x))
-        return self.model.lm_head(self.tr.ln_f(x))[:, 0].float()  # (B, V)
+    def decode(self, chunks: list[Chunk]) -> torch.Tensor:
+        bs = BLOCK_SIZE
+        slots = torch.tensor([c.blocks[c.start // bs] * bs + c.start % bs for c in chunks], device=self.device)
+        last = torch.tensor([c.start for c in chunks], device=self.device)
+        batch = StepBatch(self.cache, True, slots, list(range(len(chunks) + 1)), [c.start for c in chunks], self._tables(chunks), last)
+        return self._forward(chunks, batch, torch.arange(len(chunks), device=self.device))  # (B, V)
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.cache.move(src, dst, length)
-
-    def release(self, row: int) -> None:
-        """Nothing to free: the row's cache is overwritten by its next prefill."""
-
-    def usage(self, lengths: list[int]) -> float:
-        return sum(lengths) / (self.cache.max_seqs * self.cache.max_len)
+    def release(self, seq_id: int) -> None:
+        """Nothing to drop: a sequence's state is its blocks, which the scheduler returns to the pool."""
 
 
 class HFRunner(ModelRunner):
-    """Any causal LM through its own forward, one ``DynamicCache`` per row."""
+    """Any causal LM through its own forward, one ``DynamicCache`` per sequence."""
 
-    def __init__(self, model: PreTrainedModel, device: torch.device):
+    def __init__(self, model: PreTrainedModel, plan: KVPlan, device: torch.device):
         self.model = model
         self.device = device
         self.caches: dict[int, DynamicCache] = {}
+        self.num_blocks = -(-plan.max_tokens // BLOCK_SIZE) + 1  # admission accounting only: caches grow per sequence
+        self.path = "HFRunner"
 
     @torch.inference_mode()
-    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
+    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         out = []
-        for row, prompt, every in zip(rows, prompts, all_logits):
+        for c in chunks:
             cache = DynamicCache(config=self.model.config)
-            ids = torch.tensor([prompt], device=self.device)
-            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0 if every else 1).logits[0]
-            self.caches[row] = cache
+            ids = torch.tensor([c.tokens], device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if c.all_logits else 1).logits[0]
+            self.caches[c.seq_id] = cache
             out.append(logits.float())
         return out
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+    def decode(self, chunks: list[Chunk]) -> torch.Tensor:
         rows = []
-        for b, token in enumerate(tokens):
-            ids = torch.tensor([[token]], device=self.device)
-            rows.append(self.model(input_ids=ids, cache=self.caches[b], use_cache=True).logits[0, -1].float())
+        for c in chunks:
+            ids = torch.tensor([c.tokens], device=self.device)
+            rows.append(self.model(input_ids=ids, past_key_values=self.caches[c.seq_id], use_cache=True).logits[0, -1].float())
         return torch.stack(rows)
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.caches[dst] = self.caches.pop(src)
-
-    def release(self, row: int) -> None:
-        self.caches.pop(row, None)
+    def release(self, seq_id: int) -> None:
+        self.caches.pop(seq_id, None)
 
 
 class OnnxRunner(ModelRunner):
-    """An ONNX Runtime session; each row keeps its own cache arrays (with the placeholder position 0)."""
+    """An ONNX Runtime session; each sequence keeps its own cache arrays (with the placeholder position 0)."""
 
-    def __init__(self, model: OnnxModel):
+    def __init__(self, model: OnnxModel, plan: KVPlan):
         self.model = model
         self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.num_blocks = -(-plan.max_tokens // BLOCK_SIZE) + 1
+        self.path = "OnnxRunner (ONNX Runtime, row by row)"
 
-    def prefill(self, rows: list[int], prompts: list[list[int]], all_logits: list[bool]) -> list[torch.Tensor]:
+    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         out = []
-        for row, prompt, every in zip(rows, prompts, all_logits):
-            T = len(prompt)
+        for c in chunks:
+            T = len(c.tokens)
             keys, values = self.model.empty_cache(1)
             mask = np.ones((1, T + 1), dtype=np.int64)
             mask[0, 0] = 0
-            logits, keys, values = self.model.run(np.array([prompt]), np.arange(T)[None], mask, keys, values)
-            self.rows[row] = (keys, values)
-            out.append(torch.from_numpy(logits[0] if every else logits[0, -1:]).float())
+            logits, keys, values = self.model.run(np.array([c.tokens]), np.arange(T)[None], mask, keys, values)
+            self.rows[c.seq_id] = (keys, values)
+            out.append(torch.from_numpy(logits[0] if c.all_logits else logits[0, -1:]).float())
         return out
 
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+    def decode(self, chunks: list[Chunk]) -> torch.Tensor:
         out = []
-        for b, (token, length) in enumerate(zip(tokens, lengths)):
-            keys, values = self.rows[b]
-            mask = np.ones((1, length + 2), dtype=np.int64)  # placeholder + length cached + the new token
+        for c in chunks:
+            keys, values = self.rows[c.seq_id]
+            mask = np.ones((1, c.start + 2), dtype=np.int64)  # placeholder + cached positions + the new token
             mask[0, 0] = 0
-            logits, keys, values = self.model.run(np.array([[token]]), np.array([[length]]), mask, keys, values)
-            self.rows[b] = (keys, values)
+            logits, keys, values = self.model.run(np.array([c.tokens]), np.array([[c.start]]), mask, keys, values)
+            self.rows[c.seq_id] = (keys, values)
             out.append(torch.from_numpy(logits[0, -1]))
         return torch.stack(out).float()
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.rows[dst] = self.rows.pop(src)
-
-    def release(self, row: int) -> None:
-        self.rows.pop(row, None)
+    def release(self, seq_id: int) -> None:
+        self.rows.pop(seq_id, None)

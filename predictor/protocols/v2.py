@@ -64,4 +64,6 @@ async def infer(gen: Generation, model_name: str, request: InferRequest) -> Infe
         requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens))))
     results = await gen.complete_all(requests)
     output = InferOutput(name=OUTPUT_NAME, shape=[len(results)], datatype="BYTES", data=[r.text for r in results])
-    return InferResponse(model_name=model_name, infer_outputs=[output], response_id=request.id or uuid.uuid4().hex)
+    # Over gRPC, answer as Triton does: the tensor serialized into raw_output_contents (length-prefixed
+    # strings), which Triton's own client decodes; typed contents.bytes_contents trips its as_numpy.
+    return InferResponse(model_name=model_name, infer_outputs=[output], response_id=request.id or uuid.uuid4().hex, use_binary_outputs=request.from_grpc)

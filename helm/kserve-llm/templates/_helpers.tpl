@@ -74,6 +74,9 @@ serving.kserve.io/inferenceservice: {{ include "kserve-llm.fullname" . }}
 {{- if .Values.model.maxModelLen }}
 - --max_model_len={{ .Values.model.maxModelLen }}
 {{- end }}
+{{- with .Values.model.kvCacheMemory }}
+- --kv_cache_memory={{ . }}
+{{- end }}
 {{- with .Values.model.extraArgs }}
 {{ toYaml . }}
 {{- end }}

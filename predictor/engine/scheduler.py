@@ -1,0 +1,87 @@
+"""What runs each step: admission from the waiting queue, KV-cache blocks per sequence, preemption.
+
+First come, first served. A waiting request is admitted when the running batch has room
+(``--max_num_seqs``), the step's prefill budget allows it (``--max_prefill_tokens``; one prompt always
+may), and the KV-cache pool has blocks for its tokens with one block to spare per running sequence, so
+that the batch can keep growing. Each decode step first gives every sequence whose next position
+starts a new block that block; when the pool is empty the newest running sequence is preempted: its
+blocks go back to the pool and it returns to the front of the queue, to be recomputed from its prompt
+and the tokens it already generated (vLLM's recompute preemption). Nothing is failed for lack of memory;
+a request that could never fit is refused before it is queued (``Generation.max_tokens``).
+
+The engine thread calls every method; the caller holds the engine's lock around ``waiting``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .kv_cache import BlockAllocator
+
+if TYPE_CHECKING:
+    from .engine import Sequence
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_prefill_tokens: int):
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the first to be preempted
+        self.preemptions = 0
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the KV-cache blocks in use."""
+        return self.allocator.used / self.allocator.capacity
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the running batch, with blocks for their prefill; returns them."""
+        admitted: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = len(seq.tokens_to_prefill)
+            needed = self.allocator.blocks_for(n)
+            spare = len(self.running)  # one block of headroom per running sequence
+            if (admitted and n > budget) or self.allocator.free - needed < (spare if self.running else 0):
+                break
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(needed)
+            budget -= n
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def reserve_decode(self) -> list[Sequence]:
+        """Give each running sequence the block its next position needs, preempting the newest if the
+        pool is empty; returns the preempted sequences (already back at the front of ``waiting``)."""
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below, for an older sequence
+                continue
+            while seq.length // self.allocator.block_size >= len(seq.blocks):
+                if self.allocator.free:
+                    seq.blocks += self.allocator.allocate(1)
+                    continue
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+        return preempted
+
+    def preempt(self, seq: Sequence) -> None:
+        self.free(seq)
+        seq.length = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def free(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the running batch and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.allocator.release(seq.blocks)
+        seq.blocks = []
