@@ -39,8 +39,8 @@ def count_parameters(model) -> int:
         return model.parameter_count()
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        if isinstance(module, Int8Linear):  # int8 weights are buffers, not parameters
-            total += module.weight_t.numel() + (0 if module.bias is None else module.bias.numel())
+        if isinstance(module, Int8Linear):  # int8 weights are packed, not parameters
+            total += module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
     return total
 
 

@@ -170,3 +170,18 @@ def test_kv_cache_memory_bad_sizes(text):
 
     with pytest.raises(ValueError, match="size"):
         parse_bytes(text)
+
+
+def test_int8_linear_rows_do_not_depend_on_their_batch_neighbours():
+    """Per-token activation scales: a row's output is bit-identical alone and beside rows of 100× its range."""
+    from predictor.quantized import _quantize_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    int8 = _quantize_linear(linear)
+    x = torch.randn(6, 64) * torch.tensor([0.01, 1.0, 100.0, 0.5, 3.0, 0.1])[:, None]
+    batched = int8(x)
+    alone = torch.cat([int8(x[i : i + 1]) for i in range(6)])
+    assert torch.equal(batched, alone)
+    relative = (batched - linear(x)).norm(dim=1) / linear(x).norm(dim=1)
+    assert relative.max() < 0.05  # each row quantized on its own range, the small ones too

@@ -14,7 +14,7 @@ from . import OptimizationError, copy_tokenizer
 
 def _weight_bytes(module: torch.nn.Module) -> int:
     if isinstance(module, quantized.Int8Linear):
-        return module.weight_t.numel() + module.scale.numel() * 4
+        return module.in_features * module.out_features + module.out_features * 4
     return module.weight.numel() * module.weight.element_size()
 
 

@@ -105,6 +105,9 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.k = [torch.zeros(num_blocks, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
         self.v = [torch.zeros(num_blocks, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
+        # Gathered keys and values land in buffers reused by every layer and step: a fresh multi-MB tensor per
+        # layer would be a fresh mmap (see predictor/memory.py), and those page faults cost more than the copy.
+        self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +123,11 @@ class PagedKVCache:
         """tables: (B, nb) block ids → keys, values (B, kv_heads, nb * block_size, head_dim)."""
         B, nb = tables.shape
         flat = tables.reshape(-1)
-        k = self.k[layer].index_select(0, flat)  # (B * nb, bs, KVH, D)
-        v = self.v[layer].index_select(0, flat)
+        pool_k, pool_v = self.k[layer], self.v[layer]
+        key = pool_k.shape[2:]
+        if key not in self._scratch:
+            self._scratch[key] = (pool_k.new_empty(0), pool_v.new_empty(0))
+        k, v = self._scratch[key]
+        torch.index_select(pool_k, 0, flat, out=k)  # (B * nb, bs, KVH, D); grows the buffer only past its largest size
+        torch.index_select(pool_v, 0, flat, out=v)
         return k.view(B, nb * self.block_size, *k.shape[2:]).transpose(1, 2), v.view(B, nb * self.block_size, *v.shape[2:]).transpose(1, 2)
