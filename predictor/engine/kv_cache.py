@@ -5,8 +5,9 @@ position p of a sequence is slot ``table[p // block_size] * block_size + p % blo
 sized by memory (``--kv_cache_memory``), not by ``max_num_seqs × max_model_len``: a sequence takes
 blocks as it grows and returns them when it leaves, so long contexts cost only what they use.
 
-Block 0 is never handed out: it pads block tables to a common length in a batched gather, and its
-positions are always masked out. Pools are zero-filled, so padding never brings NaN into attention.
+Block 0 is never handed out: it pads block tables to a common length in a batched gather, takes the
+keys of a prefill's padding tokens, and its positions are always masked out. Pools are zero-filled and
+only ever hold finite keys and values, so masked positions never bring NaN into attention.
 """
 
 from __future__ import annotations
