@@ -232,6 +232,7 @@ def test_monitoring_dashboard_and_helm_test_pod():
         "vllm:num_requests_waiting",
         "vllm:num_requests_running",
         "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions_total",
         "vllm:generation_tokens_total",
     ):
         assert metric in queries, metric
