@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--base-model", help="A model directory to fine-tune instead of training from scratch.")
     run.add_argument("--min-speedup", type=float, help="Gate: minimum batch-1 decode speedup over the unoptimized model.")
     run.add_argument("--max-perplexity-increase", type=float, help="Gate: maximum relative perplexity increase (0.05 = 5%%).")
+    run.add_argument("--min-greedy-agreement", type=float, help="Gate: minimum share of held-out greedy next tokens equal to the unoptimized model's (0 … 1).")
     args = parser.parse_args(argv)
 
     if args.command == "demo-model":
@@ -127,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run_local(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .lifecycle import run_local
 
-    overrides = {"corpus": args.corpus, "min_speedup": args.min_speedup, "max_perplexity_increase": args.max_perplexity_increase}
+    overrides = {
+        "corpus": args.corpus,
+        "min_speedup": args.min_speedup,
+        "max_perplexity_increase": args.max_perplexity_increase,
+        "min_greedy_agreement": args.min_greedy_agreement,
+    }
     if args.base_model is not None:
         overrides["base_model"] = str(Path(args.base_model).resolve())
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -100,6 +100,7 @@ def evaluate_models(
     max_perplexity_increase: float,
     min_speedup: float,
     max_ttft_ms: float,
+    min_greedy_agreement: float,
     metrics: Output[Metrics],
     report: Output[Markdown],
     chart: Output[HTML],
@@ -115,13 +116,15 @@ def evaluate_models(
     from pipelines.evaluate import evaluate, markdown, png_html
     from pipelines.gate import Thresholds, select
 
-    thresholds = Thresholds(max_perplexity_increase, min_speedup, max_ttft_ms)
+    thresholds = Thresholds(max_perplexity_increase, min_speedup, max_ttft_ms, min_greedy_agreement)
     models = [baseline, *variants]
     names = [m.metadata.get("name", f"variant-{i}") for i, m in enumerate(models)]
     with tempfile.TemporaryDirectory() as tmp:
         results = evaluate([m.path for m in models], Path(dataset.path) / "held_out.txt", tmp, names=names)
         Path(chart.path).write_text(png_html(Path(tmp) / "report.png", "Model variants: quality vs speed"))
     for r in results:
+        if r["greedy_agreement"] is not None:
+            metrics.log_metric(f"{r['name']}.greedy_agreement", r["greedy_agreement"])
         for key in ("perplexity", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch16", "ttft_s", "bytes_on_disk", "peak_rss_bytes"):
             metrics.log_metric(f"{r['name']}.{key}", r[key])
     index, reason = select(results, thresholds)
@@ -143,6 +146,7 @@ def evaluate_models(
             "speedup_batch1": results[index]["decode_tokens_per_s_batch1"] / base["decode_tokens_per_s_batch1"],
             "decode_tokens_per_s_batch1": results[index]["decode_tokens_per_s_batch1"],
             "ttft_s": results[index]["ttft_s"],
+            "greedy_agreement": results[index]["greedy_agreement"],
             "bytes_on_disk": results[index]["bytes_on_disk"],
         }
     )

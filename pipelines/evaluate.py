@@ -5,6 +5,9 @@ predictor's loader and run with the predictor's runner, so the numbers are those
 - perplexity: exp(token-weighted mean cross-entropy) on held-out text, with a sliding window (stride half
   the context) for text longer than the context; each token is scored once, with as much context as the
   window gives it;
+- greedy agreement: the share of held-out positions where the model's greedy next token (argmax, given
+  the true text before it) equals the first (unoptimized) model's: how faithful a variant is, which
+  perplexity alone does not show;
 - decode tokens/s at batch 1 and 16 (greedy, up to 128 tokens after a 16-token prompt, median of 3
   runs), and time to first token (prefill of that prompt plus the first token, median of 5);
 - bytes on disk, parameter count (int8 weights counted like float ones), peak resident memory.
@@ -24,7 +27,10 @@ import torch
 
 from predictor.quantized import Int8Linear
 
-METRICS = ("model", "perplexity", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch16", "ttft_s", "bytes_on_disk", "parameters", "peak_rss_bytes")
+METRICS = (
+    "model", "perplexity", "greedy_agreement", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch16", "ttft_s", "bytes_on_disk", "parameters",
+    "peak_rss_bytes",
+)  # fmt: skip
 PROMPT_TOKENS = 16
 DECODE_TOKENS = 128
 REPEATS = 3  # speeds are the median of this many runs
@@ -54,10 +60,12 @@ def _sequences(runner, prompts: list[list[int]], positions: int, all_logits: boo
 
 
 @torch.inference_mode()
-def perplexity(runner, ids: list[int], context: int) -> float:
-    """Sliding-window perplexity with the runner's prefill (all logits). ids: the whole held-out text."""
+def perplexity(runner, ids: list[int], context: int) -> tuple[float, list[int]]:
+    """Sliding-window perplexity with the runner's prefill (all logits), and the greedy prediction for each
+    scored token (the argmax given the text before it). ids: the whole held-out text."""
     stride = max(1, context // 2)
     nll, counted, scored_until = 0.0, 0, 1  # token 0 has no context and is never scored
+    predictions: list[int] = []
     for start in range(0, max(1, len(ids) - 1), stride):
         window = ids[start : start + context]
         if len(window) < 2:
@@ -67,11 +75,19 @@ def perplexity(runner, ids: list[int], context: int) -> float:
         first = max(scored_until - start, 1)  # score only tokens not scored by an earlier window
         targets = torch.tensor(window[first:])
         nll -= logprobs[first - 1 : len(window) - 1].gather(1, targets[:, None]).sum().item()
+        predictions += logprobs[first - 1 : len(window) - 1].argmax(-1).tolist()
         counted += len(targets)
         scored_until = start + len(window)
         if scored_until >= len(ids):
             break
-    return math.exp(nll / counted)
+    return math.exp(nll / counted), predictions
+
+
+def greedy_agreement(predictions: list[int], reference: list[int]) -> float | None:
+    """Share of positions with the same greedy token; None when the two scored different texts (another tokenizer)."""
+    if len(predictions) != len(reference) or not reference:
+        return None
+    return sum(a == b for a, b in zip(predictions, reference)) / len(reference)
 
 
 @torch.inference_mode()
@@ -112,9 +128,11 @@ def measure(model_dir: str, text: str) -> dict:
     prompt = ids[:PROMPT_TOKENS]
     tokens = min(DECODE_TOKENS, loaded.max_model_len - PROMPT_TOKENS - 1)
     decode_speed(runner, prompt, 1, 4)  # warm-up
+    ppl, predictions = perplexity(runner, ids, loaded.max_model_len)
     result = {
         "model": str(model_dir),
-        "perplexity": perplexity(runner, ids, loaded.max_model_len),
+        "perplexity": ppl,
+        "greedy_predictions": predictions,  # compared with the first model's in evaluate(), then dropped
         "decode_tokens_per_s_batch1": statistics.median(decode_speed(runner, prompt, 1, tokens) for _ in range(REPEATS)),
         "decode_tokens_per_s_batch16": statistics.median(decode_speed(runner, prompt, 16, tokens) for _ in range(REPEATS)),
         "ttft_s": time_to_first_token(runner, prompt),
@@ -160,17 +178,23 @@ def measure_in_fresh_process(model_dir: str, text: str) -> dict:
 def markdown(results: list[dict]) -> str:
     base = results[0]
     lines = [
-        "| model | perplexity | Δ perplexity | decode tok/s b=1 | × | decode tok/s b=16 | × | TTFT ms | MB on disk | parameters | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | perplexity | Δ perplexity | greedy agreement | decode tok/s b=1 | × | decode tok/s b=16 | × | TTFT ms | MB on disk | parameters "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        agreement = r.get("greedy_agreement")
         lines.append(
             f"| {r['name']} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | "
+            f"{'n/a' if agreement is None else f'{agreement:.3f}'} | "
             f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch1'] / base['decode_tokens_per_s_batch1']:.2f} | "
             f"{r['decode_tokens_per_s_batch16']:.1f} | {r['decode_tokens_per_s_batch16'] / base['decode_tokens_per_s_batch16']:.2f} | "
             f"{1000 * r['ttft_s']:.1f} | {r['bytes_on_disk'] / 1e6:.1f} | {r['parameters'] / 1e6:.2f} M | {r['peak_rss_bytes'] / 2**20:.1f} |"
         )
-    return "\n".join(lines) + f"\n\nΔ and × are relative to the first model, `{base['name']}`.\n"
+    return "\n".join(lines) + (
+        f"\n\nΔ, × and greedy agreement (the share of held-out positions whose greedy next token is the same) "
+        f"are relative to the first model, `{base['name']}`.\n"
+    )
 
 
 def chart(results: list[dict], path: Path) -> None:
@@ -184,8 +208,9 @@ def chart(results: list[dict], path: Path) -> None:
     biggest = max(r["bytes_on_disk"] for r in results)
     for i, r in enumerate(results):
         ax.scatter(r["decode_tokens_per_s_batch1"], r["perplexity"], s=80 + 1500 * r["bytes_on_disk"] / biggest, alpha=0.6)
+        agreement = r.get("greedy_agreement")
         ax.annotate(
-            f"{r['name']}\n{r['bytes_on_disk'] / 1e6:.1f} MB",
+            f"{r['name']}\n{r['bytes_on_disk'] / 1e6:.1f} MB" + ("" if agreement is None else f", agreement {agreement:.2f}"),
             (r["decode_tokens_per_s_batch1"], r["perplexity"]),
             textcoords="offset points",
             xytext=(8, 8 if i % 2 == 0 else -22),  # alternate, so neighbours do not overlap
@@ -220,6 +245,9 @@ def evaluate(models: list[str], text_file: str | Path, output_dir: str | Path, p
     if len(names) != len(models):
         raise ValueError(f"{len(names)} names for {len(models)} models")
     results = [{"name": n, **measure_in_fresh_process(m, text)} for n, m in tqdm(list(zip(names, models)), desc="evaluate", disable=not progress)]
+    reference = results[0]["greedy_predictions"]
+    for r in results:
+        r["greedy_agreement"] = greedy_agreement(r.pop("greedy_predictions"), reference)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(json.dumps(results, indent=2))

@@ -38,6 +38,7 @@ def llm_lifecycle(
     max_perplexity_increase: float = 0.05,
     min_speedup: float = 1.2,
     max_ttft_ms: float = 0.0,
+    min_greedy_agreement: float = 0.0,
     registered_model_name: str = "kserve-llm",
     registry_backend: str = "mlflow",
     registry_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
@@ -77,6 +78,7 @@ def llm_lifecycle(
         max_perplexity_increase=max_perplexity_increase,
         min_speedup=min_speedup,
         max_ttft_ms=max_ttft_ms,
+        min_greedy_agreement=min_greedy_agreement,
     )
     evaluation.set_display_name("evaluate")
 

@@ -108,6 +108,19 @@ def test_evaluator_perplexity_equals_direct_cross_entropy(tiny_model_dir, varian
     assert results[1]["parameters"] < results[0]["parameters"]
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| prune |" in (tmp_path / "report" / "report.md").read_text()
+    # greedy agreement: the baseline agrees with itself; the pruned model's share is the direct argmax comparison
+    pruned = AutoModelForCausalLM.from_pretrained(variants["prune"]).eval()
+    with torch.no_grad():
+        pruned_logits = pruned(input_ids=torch.tensor([ids])).logits[0]
+    same = (pruned_logits[:-1].argmax(-1) == logits[:-1].argmax(-1)).sum().item()
+    direct_agreement = same / (len(ids) - 1)
+    assert results[0]["greedy_agreement"] == 1.0
+    assert results[1]["greedy_agreement"] == pytest.approx(direct_agreement, abs=1e-9)
+    assert results[1]["greedy_agreement"] < 1.0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["greedy_agreement"] for r in report] == [r["greedy_agreement"] for r in results]
+    assert "greedy_predictions" not in report[0]
+    assert "| greedy agreement |" in (tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["int8", "prune", "distill", "onnx", "onnx-int8"])

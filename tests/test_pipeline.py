@@ -237,6 +237,20 @@ def test_gate_selects_the_fastest_variant_within_the_thresholds():
         Thresholds(min_speedup=0)
 
 
+def test_gate_thresholds_greedy_agreement():
+    results = [_result("base", 100, 100), _result("int8", 100.5, 160), _result("onnx", 100.2, 120)]
+    for r, agreement in zip(results, (1.0, 0.88, 0.97)):
+        r["greedy_agreement"] = agreement
+    index, reason = select(results, Thresholds(max_perplexity_increase=0.02, min_speedup=1.1, min_greedy_agreement=0.9))
+    assert index == 2 and "selected onnx" in reason  # int8 is faster but agrees on only 88% of greedy tokens
+    results[2]["greedy_agreement"] = None  # another tokenizer: agreement cannot be measured, so the threshold fails it
+    index, reason = select(results, Thresholds(min_speedup=1.1, min_greedy_agreement=0.9))
+    assert index is None and "int8: greedy agreement 0.880 < 0.900" in reason and "onnx: greedy agreement not measurable" in reason
+    assert select(results, Thresholds(min_speedup=1.1))[0] == 1  # off by default
+    with pytest.raises(ValueError, match="min_greedy_agreement"):
+        Thresholds(min_greedy_agreement=1.5)
+
+
 # --- whole local runs (kfp.local) -----------------------------------------------------------------
 
 
