@@ -129,16 +129,17 @@ def metric(url: str, name: str) -> float:
 
 
 def test_preemption_completes_every_request_with_its_alone_output(models_root, tiny_model_dir, tmp_path):
-    """A pool of 12 blocks (192 positions) for 8 sequences that need up to 5 blocks each: the scheduler
-    must preempt and recompute, and every request still gets exactly its greedy output."""
+    """A pool of 8 blocks (128 positions) for 8 sequences that grow to 4–7 blocks each: any two running
+    together overflow it, so the scheduler must preempt and recompute, and every request still gets exactly
+    its greedy output."""
     model_dir = build_model("llama", models_root / "llama", tiny_model_dir)
     prompts = token_prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
-    max_tokens = 30
+    max_tokens = 60
     expected = reference(model_dir, prompts, max_tokens)
     per_block = 2 * 2 * 2 * 16 * 4 * 16  # layers × (k, v) × KV heads × head_dim × float32 × positions
-    server = start_server(model_dir, tmp_path, "--max_num_seqs", "8", "--kv_cache_memory", str(13 * per_block), name="m")
+    server = start_server(model_dir, tmp_path, "--max_num_seqs", "8", "--kv_cache_memory", str(9 * per_block), name="m")
     try:
-        assert "12 blocks × 16 positions" in server.read_log()
+        assert "8 blocks × 16 positions" in server.read_log()
         assert complete(server.url, prompts, max_tokens, together=True) == expected
         assert metric(server.url, "vllm:num_preemptions_total") > 0
         assert metric(server.url, "vllm:kv_cache_usage_perc") == 0.0
@@ -146,7 +147,7 @@ def test_preemption_completes_every_request_with_its_alone_output(models_root, t
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "m", "prompt": prompts[0], "max_tokens": 200}, timeout=30)
         assert r.status_code == 400, r.text
         message = r.json()["error"]["message"]
-        assert "203 KV-cache positions" in message and "holds 192" in message and "--kv_cache_memory" in message
+        assert "203 KV-cache positions" in message and "holds 128" in message and "--kv_cache_memory" in message
         assert complete(server.url, prompts[:2], max_tokens, together=True) == expected[:2]  # still serving
     finally:
         stop_server(server)

@@ -18,7 +18,6 @@ but decoded row by row. ``OnnxRunner`` runs an exported graph with ONNX Runtime,
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -31,8 +30,6 @@ from . import kv_cache
 from .attention import ATTN_IMPLEMENTATION, StepBatch
 from .kv_cache import BLOCK_SIZE, LayerSpec, PagedKVCache
 from .packing import can_pack, pack_model
-
-logger = logging.getLogger(__name__)
 
 # A prefill's flat row is padded up to a multiple of this many tokens, so that oneDNN meets few distinct
 # shapes: each new shape builds (and caches) new kernels, and unbounded shape variety grows memory with traffic.
