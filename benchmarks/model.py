@@ -8,18 +8,16 @@ random, so the benchmarks measure speed, not text.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from tokenizers import AddedToken
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from pipelines.corpus import demo_corpus, split_documents
 from pipelines.demo_model import cache_root
 from pipelines.train import train_tokenizer
+from predictor.build_once import build_once
 
 SEED = 0
 
@@ -63,16 +61,4 @@ def vocab_size(kind: str) -> int:
 def ensure(kind: str = "gpt2", root: Path | None = None) -> Path:
     """The cached benchmark model directory, built on first use (about a minute)."""
     path = (root or cache_root()) / MODELS[kind][2]
-    if (path / "model.safetensors").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if (path / "model.safetensors").is_file():
-            return path
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-        try:
-            build(kind, tmp)
-            tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return build_once(path, lambda tmp: build(kind, tmp), lambda p: (p / "model.safetensors").is_file())

@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-model", help="Build the demo model (cached) and print its directory.")
     demo.add_argument("--quiet", action="store_true", help="No progress bar.")
 
+    gguf = commands.add_parser("import-gguf", help="Convert a GGUF file to a float safetensors model directory (tokenizer and chat template included).")
+    gguf.add_argument("file", type=Path, help="The .gguf file.")
+    gguf.add_argument("--output", type=Path, required=True, help="The model directory to write (must not exist).")
+
     opt = commands.add_parser("optimize", help="Make an optimized variant of a model directory.")
     opt.add_argument("--method", required=True, choices=["int8", "prune", "distill", "onnx", "onnx-int8", "cast"])
     opt.add_argument("--input", required=True, help="Hugging Face model directory.")
@@ -68,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         if not is_built(model_path()):
             print("Building the demo model (about 2.5 minutes on 2 cores, once; cached afterwards)...", file=sys.stderr)
         print(ensure_demo_model(progress=not args.quiet))
+    elif args.command == "import-gguf":
+        from predictor.gguf_file import GGUFError, convert
+
+        if args.output.exists():
+            parser.error(f"--output: {args.output} already exists")
+        try:
+            print(convert(args.file, args.output))
+        except GGUFError as exc:
+            parser.error(str(exc))
     elif args.command == "optimize":
         from .optimize import OptimizationError, optimize
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from filelock import FileLock
+from predictor.build_once import build_once
 
 from .corpus import demo_corpus, split_documents
 from .train import TrainConfig, train_from_scratch
@@ -57,21 +55,12 @@ def ensure_demo_model(config: TrainConfig = DEMO, root: Path | None = None, prog
     so a killed build leaves nothing half-written and two processes never build at once.
     """
     path = model_path(config, root)
-    if is_built(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if is_built(path):
-            return path
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-        try:
-            train_text, held_out_text = split_documents(demo_corpus())
-            checkpoint = path.parent / f"{path.name}.checkpoint.pt" if config.checkpoint_every else None
-            train_from_scratch(train_text, held_out_text, config, tmp, progress=progress, checkpoint=checkpoint)
-            if checkpoint is not None:
-                checkpoint.unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    def build(tmp: Path) -> None:
+        train_text, held_out_text = split_documents(demo_corpus())
+        checkpoint = path.parent / f"{path.name}.checkpoint.pt" if config.checkpoint_every else None
+        train_from_scratch(train_text, held_out_text, config, tmp, progress=progress, checkpoint=checkpoint)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+
+    return build_once(path, build, is_built)

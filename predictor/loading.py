@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer from a model directory: the one place models are loaded.
 
 The directory says what it is: a Hugging Face model (safetensors), an int8 model (``quantization.json``,
-see ``quantized.py``) or an ONNX model (``onnx.json``, see ``onnx_model.py``).
+see ``quantized.py``) or an ONNX model (``onnx.json``, see ``onnx_model.py``). A ``.gguf`` file (or a
+directory holding one) is first converted to a safetensors directory (``gguf_file.py``).
 
 Safetensors only by default: pickle weights (``pytorch_model.bin``) can execute code when loaded, so a
 directory that has only those is refused unless the caller opts in.
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import onnx_model, quantized
+from . import gguf_file, onnx_model, quantized
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ def load_model(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load weights and tokenizer from ``model_dir`` onto the device, in eval mode."""
-    model_dir = Path(model_dir)
+    try:
+        model_dir = gguf_file.resolve(Path(model_dir))
+    except gguf_file.GGUFError as exc:
+        raise ModelLoadError(str(exc)) from None
     check_weights(model_dir, allow_pickle)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, saved_dtype(model_dir))
