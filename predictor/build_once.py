@@ -25,6 +25,7 @@ def build_once(path: Path, build: Callable[[Path], None], done: Callable[[Path],
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a server running as another user
             shutil.rmtree(path, ignore_errors=True)  # a stale, incomplete directory of an older layout
             tmp.rename(path)
         finally:

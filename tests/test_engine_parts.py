@@ -185,3 +185,31 @@ def test_int8_linear_rows_do_not_depend_on_their_batch_neighbours():
     assert torch.equal(batched, alone)
     relative = (batched - linear(x)).norm(dim=1) / linear(x).norm(dim=1)
     assert relative.max() < 0.05  # each row quantized on its own range, the small ones too
+
+
+def test_packing_fuses_the_activation_only_where_the_mlp_is_unchanged():
+    """A gated MLP gets SiLU fused into gate_proj; one with the same attribute names that applies the activation
+    elsewhere keeps it, and both still compute what they did."""
+    from torch import nn
+
+    from predictor.engine.packing import PackedLinear, pack_model
+
+    class Gated(nn.Module):
+        def __init__(self, swapped: bool):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(64, 32)
+            self.act_fn, self.swapped = nn.SiLU(), swapped
+
+        def forward(self, x):
+            if self.swapped:
+                return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 32) * 30  # large activations, as real weights give
+    for swapped, fused in ((False, 1), (True, 0)):
+        mlp = Gated(swapped).eval()
+        expected = mlp(x)
+        assert pack_model(mlp, 16) == (3, fused)
+        assert isinstance(mlp.gate_proj, PackedLinear) and isinstance(mlp.act_fn, nn.Identity) == bool(fused)
+        assert torch.allclose(mlp(x), expected, rtol=1e-4, atol=1e-3)

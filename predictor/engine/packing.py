@@ -85,7 +85,8 @@ def _fuse_activation(mlp: nn.Module, proj_name: str, act_name: str) -> bool:
     expected = mlp(probe)
     setattr(mlp, proj_name, proj.with_post_op(post_op))
     setattr(mlp, act_name, nn.Identity())
-    if torch.allclose(mlp(probe), expected, rtol=1e-4, atol=1e-5):
+    # oneDNN's activation kernels round differently from torch's: compare relative to the output's scale.
+    if (mlp(probe) - expected).abs().max() <= 1e-4 * expected.abs().max():
         return True
     setattr(mlp, proj_name, proj)  # this MLP uses its activation elsewhere: undo
     setattr(mlp, act_name, act)
