@@ -209,3 +209,20 @@ def test_int8_llama_runs_batched_through_the_paged_runner(models_root, tiny_mode
     finally:
         stop_server(server)
     shutil.rmtree(out)
+
+
+def test_a_kv_cache_budget_too_small_for_one_block_is_a_cli_error(tiny_model_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-m", "predictor", "--model_dir", str(tiny_model_dir), "--kv_cache_memory", "1Ki"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--kv_cache_memory 1.0 KiB holds no KV-cache block" in done.stderr and "Traceback" not in done.stderr

@@ -16,6 +16,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -155,7 +156,7 @@ class Engine:
             raise failure[0]
 
     @property
-    def waiting(self):
+    def waiting(self) -> deque[Sequence]:
         return self.scheduler.waiting
 
     @property

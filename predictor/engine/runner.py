@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ..loading import ModelLoadError
 from ..onnx_model import OnnxModel
 from . import kv_cache
 from .attention import ATTN_IMPLEMENTATION, StepBatch
@@ -131,7 +132,7 @@ class PagedRunner(ModelRunner):
         budget = _budget(plan, device)
         self.num_blocks = kv_cache.plan_blocks(budget, per_token, plan.max_tokens)
         if self.num_blocks < 2:
-            raise ValueError(
+            raise ModelLoadError(
                 f"--kv_cache_memory {kv_cache.format_bytes(budget)} holds no KV-cache block of this model "
                 f"({BLOCK_SIZE} positions × {kv_cache.format_bytes(per_token)} per position); raise it"
             )
