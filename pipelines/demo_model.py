@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-from predictor.build_once import build_once
+from predictor.build_once import build_once, cache_root
 
 from .corpus import demo_corpus, split_documents
-from .train import TrainConfig, train_from_scratch
+from .train import FINETUNE_FIELDS, TrainConfig, train_from_scratch
 
 # ~2.5 minutes on 2 CPU cores; see the README for its held-out perplexity.
 # seq_len equals n_positions: every position embedding the server uses is trained.
@@ -32,14 +31,11 @@ GPT2_SMALL = TrainConfig(
 TINY = TrainConfig(vocab_size=512, n_layer=2, n_embd=96, n_head=4, n_positions=128, seq_len=128, batch_size=4, steps=300, lr=5e-3, warmup_steps=10)
 
 
-def cache_root() -> Path:
-    """``$KSERVE_LLM_CACHE`` or ``~/.cache/kserve-llm``."""
-    return Path(os.environ.get("KSERVE_LLM_CACHE", Path.home() / ".cache" / "kserve-llm"))
-
-
 def model_path(config: TrainConfig = DEMO, root: Path | None = None) -> Path:
-    """Where the model for ``config`` is cached: the directory name carries a hash of the config."""
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    """Where the model for ``config`` is cached: the directory name carries a hash of the config (the fields a model
+    trained from scratch depends on, so that adding fine-tuning settings kept the existing caches valid)."""
+    shape = {k: v for k, v in asdict(config).items() if k not in FINETUNE_FIELDS}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
     name = "demo-model" if config == DEMO else "model"
     return (root or cache_root()) / f"{name}-{digest}"
 

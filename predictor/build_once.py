@@ -6,12 +6,18 @@ leaves nothing half-written, and two processes starting together build once.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
+
+
+def cache_root() -> Path:
+    """Where built models are cached: ``$KSERVE_LLM_CACHE`` or ``~/.cache/kserve-llm``."""
+    return Path(os.environ.get("KSERVE_LLM_CACHE", Path.home() / ".cache" / "kserve-llm"))
 
 
 def build_once(path: Path, build: Callable[[Path], None], done: Callable[[Path], bool]) -> Path:
@@ -25,7 +31,9 @@ def build_once(path: Path, build: Callable[[Path], None], done: Callable[[Path],
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         try:
             build(tmp)
-            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a server running as another user
+            # mkdtemp's 0700 (and some writers' 0600 files) would hide the result from a server running as another user
+            for item in (tmp, *tmp.rglob("*")):
+                item.chmod(0o755 if item.is_dir() else 0o644)
             shutil.rmtree(path, ignore_errors=True)  # a stale, incomplete directory of an older layout
             tmp.rename(path)
         finally:

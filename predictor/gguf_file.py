@@ -15,7 +15,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .build_once import build_once
+from .build_once import build_once, cache_root
 
 SUFFIX = ".gguf"
 
@@ -52,48 +52,60 @@ def architecture(gguf_path: Path) -> str:
     return str(arch)
 
 
-def convert(gguf_path: Path, output_dir: Path, progress: bool = True) -> Path:
-    """Write ``output_dir`` (config, float safetensors, tokenizer, chat template) from ``gguf_path``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_supported(gguf_path: Path) -> str:
+    """The file's architecture, or a ``GGUFError`` naming it when transformers cannot dequantize it."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    gguf_path, output_dir = Path(gguf_path), Path(output_dir)
     arch = architecture(gguf_path)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"{gguf_path.name}: architecture {arch!r} cannot be dequantized by transformers (it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
         )
+    return arch
 
-    def build(tmp: Path) -> None:
-        if progress:
-            print(f"converting {gguf_path.name} ({arch}) to safetensors in {output_dir} ...", flush=True)
-        kwargs = dict(gguf_file=gguf_path.name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise GGUFError(f"cannot convert {gguf_path}: {exc}") from exc
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are
-        # plain float tensors by now, so save them through a fresh model of the same config.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
 
-    return build_once(output_dir, build, lambda path: (path / "config.json").is_file())
+def write_converted(gguf_path: Path, output_dir: Path, progress: bool = True) -> None:
+    """Write config, float32 safetensors, tokenizer and chat template from ``gguf_path`` into ``output_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = check_supported(gguf_path)
+    if progress:
+        print(f"converting {gguf_path.name} ({arch}) to safetensors ...", flush=True)
+    kwargs = dict(gguf_file=gguf_path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise GGUFError(f"cannot convert {gguf_path}: {exc}") from exc
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are
+    # plain float tensors by now, so save them through a fresh model of the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def is_converted(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def convert(gguf_path: Path, output_dir: Path, progress: bool = True) -> Path:
+    """``output_dir`` converted from ``gguf_path`` once (atomic, under a lock); see ``write_converted``."""
+    gguf_path, output_dir = Path(gguf_path), Path(output_dir)
+    check_supported(gguf_path)
+    return build_once(output_dir, lambda tmp: write_converted(gguf_path, tmp, progress), is_converted)
 
 
 def cache_dir(gguf_path: Path) -> Path:
     """``NAME.hf`` beside the file when that directory is writable, else under the cache root."""
     if os.access(gguf_path.parent, os.W_OK):
         return gguf_path.with_name(gguf_path.name + ".hf")
-    root = Path(os.environ.get("KSERVE_LLM_CACHE", Path.home() / ".cache" / "kserve-llm"))
     digest = hashlib.sha256(str(gguf_path.resolve()).encode()).hexdigest()[:10]
-    return root / "gguf" / f"{gguf_path.stem}-{digest}"
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{digest}"
 
 
 def resolve(model_dir: Path, progress: bool = True) -> Path:

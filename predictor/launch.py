@@ -16,10 +16,20 @@ from pathlib import Path
 import httpx
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held open together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -44,16 +54,17 @@ class ServerProcess:
             self.process.kill()
 
 
-def start_server(model_dir: Path, log_dir: Path, *args: str, name: str = "model", timeout: float = 180, cwd: Path | None = None) -> ServerProcess:
-    """Run the predictor on ``model_dir`` with extra ``args``; raises with the log's tail if it does not become ready."""
-    http_port, grpc_port = free_port(), free_port()
+def start_server(
+    model_dir: Path | None, log_dir: Path, *args: str, name: str = "model", timeout: float = 180, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """Run the predictor on ``model_dir`` (None: its default model) with extra ``args``; raises with the log's tail if it does not become ready."""
+    http_port, grpc_port = free_ports(2)
     log = Path(log_dir) / f"server-{http_port}.log"
     cmd = [
         sys.executable,
         "-m",
         "predictor",
-        "--model_dir",
-        str(model_dir),
+        *(["--model_dir", str(model_dir)] if model_dir is not None else []),
         "--model_name",
         name,
         "--http_port",
@@ -62,7 +73,7 @@ def start_server(model_dir: Path, log_dir: Path, *args: str, name: str = "model"
         str(grpc_port),
         *args,
     ]
-    process = subprocess.Popen(cmd, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(cmd, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(process, http_port, grpc_port, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -31,6 +31,9 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Sampling parameters a model's generation_config.json may recommend; they become the defaults of
+# requests that do not set them (vLLM's --generation-config auto does the same).
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class ModelLoadError(RuntimeError):
@@ -49,6 +52,7 @@ class LoadedModel:
     eos_token_id: int | None
     chat_template: str
     model_dir: Path
+    sampling_defaults: dict[str, float]
 
     @property
     def vocab_size(self) -> int:
@@ -108,8 +112,12 @@ def load_model(
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    generation_config: bool = True,
 ) -> LoadedModel:
-    """Load weights and tokenizer from ``model_dir`` onto the device, in eval mode."""
+    """Load weights and tokenizer from ``model_dir`` onto the device, in eval mode.
+
+    ``generation_config``: take request sampling defaults from the directory's ``generation_config.json``.
+    """
     try:
         model_dir = gguf_file.resolve(Path(model_dir))
     except gguf_file.GGUFError as exc:
@@ -159,7 +167,17 @@ def load_model(
         eos_token_id=eos,
         chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
         model_dir=model_dir,
+        sampling_defaults=sampling_defaults(model_dir) if generation_config else {},
     )
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling parameters ``generation_config.json`` sets (``SAMPLING_DEFAULT_KEYS``); {} without one."""
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {key: config[key] for key in SAMPLING_DEFAULT_KEYS if isinstance(config.get(key), (int, float))}
 
 
 def _context_length(model: PreTrainedModel) -> int | None:

@@ -38,12 +38,20 @@ class LLMModel(kserve.Model):
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
         allow_pickle_weights: bool = False,
+        generation_config: bool = True,
         engine_config: EngineConfig | None = None,
     ):
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.engine_config = engine_config or EngineConfig()
-        self.options = dict(dtype=dtype, device=device, max_model_len=max_model_len, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
+        self.options = dict(
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle_weights,
+            generation_config=generation_config,
+        )
         self.generation: Generation | None = None
         self._engine: Engine | None = None  # not kserve's ``engine`` flag: ours is started by load()
 
@@ -51,6 +59,8 @@ class LLMModel(kserve.Model):
         """Load weights, start the engine thread and run one warm-up generation; only then ready."""
         loaded = load_model(self.model_dir, **self.options)
         logger.info("loaded %s (%s, %s, max_model_len=%d)", self.model_dir, loaded.device, loaded.dtype, loaded.max_model_len)
+        if loaded.sampling_defaults:
+            logger.info("sampling defaults from generation_config.json (requests may override): %s", loaded.sampling_defaults)
         engine = Engine(loaded, self.engine_config, EngineMetrics(self.name))
         engine.start()
         logger.info("model runner: %s", engine.runner.path)

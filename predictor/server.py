@@ -1,6 +1,6 @@
 """Command-line arguments and start-up: KServe's ModelServer arguments plus the predictor's own.
 
-``python -m predictor`` parses the arguments, loads the model (the demo model when ``--model_dir`` does
+``python -m predictor`` parses the arguments, loads the model (SmolLM2-135M-Instruct, fetched once, when ``--model_dir`` does
 not exist and nothing else is given), adds the OpenAI and generate routes to KServe's app, and starts
 KServe's REST and gRPC servers.
 """
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_dir",
         default=DEFAULT_MODEL_DIR,
         help="Hugging Face model directory (KServe's storage initializer puts the model in /mnt/models). "
-        "When it does not exist and was not given, the demo model is served.",
+        "When it does not exist and was not given, the default model (SmolLM2-135M-Instruct, fetched and converted once) is served.",
     )
     parser.add_argument(
         "--dtype",
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow_pickle_weights",
         action="store_true",
         help="Load pickle weights (*.bin) when a directory has no safetensors. Pickle can run code: only for directories you trust.",
+    )
+    parser.add_argument(
+        "--generation_config",
+        default="auto",
+        choices=["auto", "none"],
+        help="auto: sampling parameters a request leaves unset (temperature, top_p, top_k, min_p, repetition_penalty) "
+        "come from the model's generation_config.json where it sets them; none: OpenAI's defaults always.",
     )
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="Largest accepted HTTP request body; larger ones get 413.")
     engine = parser.add_argument_group("engine")
@@ -104,14 +111,14 @@ def _non_negative(value: str) -> int:
 
 
 def resolve_model_dir(args: argparse.Namespace, explicit: bool) -> Path:
-    """``--model_dir`` if it exists; the demo model (built if missing) if it was left at its default."""
+    """``--model_dir`` if it exists; the default model (fetched if missing) if it was left at its default."""
     path = Path(args.model_dir)
     if path.exists() or explicit:
         return path
-    from pipelines.demo_model import ensure_demo_model
+    from .default_model import ensure_default_model
 
-    logger.info("%s does not exist: serving the demo model", path)
-    return ensure_demo_model()
+    logger.info("%s does not exist: serving the default model (SmolLM2-135M-Instruct)", path)
+    return ensure_default_model()
 
 
 class DrainingModelServer(kserve.ModelServer):
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
         allow_pickle_weights=args.allow_pickle_weights,
+        generation_config=args.generation_config == "auto",
         engine_config=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_queue=args.max_queue,

@@ -21,8 +21,10 @@ def tiny_model_dir() -> Path:
     return ensure_demo_model(TINY, progress=False)
 
 
-def start_server(model_dir: Path, tmp: Path, *extra: str, name: str = MODEL_NAME, timeout: float = 120) -> ServerProcess:
-    return launch.start_server(model_dir, tmp, *extra, name=name, timeout=timeout, cwd=REPO)
+def start_server(
+    model_dir: Path | None, tmp: Path, *extra: str, name: str = MODEL_NAME, timeout: float = 120, env: dict[str, str] | None = None
+) -> ServerProcess:
+    return launch.start_server(model_dir, tmp, *extra, name=name, timeout=timeout, cwd=REPO, env=env)
 
 
 def stop_server(server: ServerProcess) -> None:

@@ -108,7 +108,7 @@ class PagedKVCache:
         self.v = [torch.zeros(num_blocks, block_size, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
         # Gathered keys and values land in buffers reused by every layer and step: a fresh multi-MB tensor per
         # layer would be a fresh mmap (see predictor/memory.py), and those page faults cost more than the copy.
-        self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -126,9 +126,12 @@ class PagedKVCache:
         flat = tables.reshape(-1)
         pool_k, pool_v = self.k[layer], self.v[layer]
         key = pool_k.shape[2:]
-        if key not in self._scratch:
-            self._scratch[key] = (pool_k.new_empty(0), pool_v.new_empty(0))
-        k, v = self._scratch[key]
-        torch.index_select(pool_k, 0, flat, out=k)  # (B * nb, bs, KVH, D); grows the buffer only past its largest size
+        n = B * nb
+        k, v = self._scratch.get(key, (None, None))
+        if k is None or k.shape[0] < n:  # grows only past the largest gather so far
+            k, v = pool_k.new_empty(n, *pool_k.shape[1:]), pool_v.new_empty(n, *pool_v.shape[1:])
+            self._scratch[key] = (k, v)
+        k, v = k[:n], v[:n]
+        torch.index_select(pool_k, 0, flat, out=k)  # (B * nb, bs, KVH, D)
         torch.index_select(pool_v, 0, flat, out=v)
         return k.view(B, nb * self.block_size, *k.shape[2:]).transpose(1, 2), v.view(B, nb * self.block_size, *v.shape[2:]).transpose(1, 2)

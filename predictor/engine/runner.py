@@ -13,7 +13,8 @@ are first prepacked for oneDNN (``packing.py``); the runner owns the model from 
 
 ``HFRunner`` is the fallback for any other causal LM (models whose attention transformers does not
 route through the interface, or remote code): its own ``forward`` and a cache per sequence, correct
-but decoded row by row. ``OnnxRunner`` runs an exported graph with ONNX Runtime, also row by row.
+but decoded row by row. ``OnnxRunner`` runs an exported graph with ONNX Runtime, its running batch
+decoded together.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ModelRunner(ABC):
 
 def make_runner(model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device) -> ModelRunner:
     if isinstance(model, OnnxModel):
-        return OnnxRunner(model, plan)
+        return OnnxRunner(model, plan, max_num_seqs)
     reason = PagedRunner.unsupported(model)
     if reason is None:
         try:
@@ -240,36 +241,93 @@ class HFRunner(ModelRunner):
 
 
 class OnnxRunner(ModelRunner):
-    """An ONNX Runtime session; each sequence keeps its own cache arrays (with the placeholder position 0)."""
+    """An exported graph (``predictor.onnx_model``) under ONNX Runtime; the running batch decodes together.
 
-    def __init__(self, model: OnnxModel, plan: KVPlan):
+    Each running sequence owns a slot: row ``slot`` of per-layer key and value buffers
+    (slots, kv_heads, capacity, head_dim) and of ``positions`` (slots, capacity; −1 = empty). Occupied
+    slots are kept contiguous from 0, so a decode step passes ``buffer[:n]``, a view ONNX Runtime reads
+    without a copy, and writes back only the new keys and values. Prefill runs one sequence at a time.
+    """
+
+    CAPACITY_STEP = 64  # positions added to every slot when a sequence outgrows the buffers
+
+    def __init__(self, model: OnnxModel, plan: KVPlan, max_num_seqs: int):
         self.model = model
-        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.num_blocks = -(-plan.max_tokens // BLOCK_SIZE) + 1
-        self.path = "OnnxRunner (ONNX Runtime, row by row)"
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = plan.max_tokens
+        self.num_blocks = -(-plan.max_tokens // BLOCK_SIZE) + 1  # admission accounting: buffers grow with the longest sequence
+        self.slot_of: dict[int, int] = {}
+        self._allocate(self.CAPACITY_STEP)
+        self.path = f"OnnxRunner (ONNX Runtime, {len(model.kv_shapes)} layers, running batch decoded together)"
+
+    def _allocate(self, capacity: int) -> None:
+        S = self.max_num_seqs
+        buffers = [np.zeros((S, h, capacity, d), dtype=np.float32) for h, d in self.model.kv_shapes for _ in range(2)]
+        positions = np.full((S, capacity), -1, dtype=np.int64)
+        if hasattr(self, "buffers"):
+            old = self.positions.shape[1]
+            for new, current in zip(buffers, self.buffers):
+                new[:, :, :old] = current
+            positions[:, :old] = self.positions
+        self.buffers, self.positions = buffers, positions
+
+    def _reserve(self, end: int) -> None:
+        if end > self.positions.shape[1]:
+            step = self.CAPACITY_STEP
+            self._allocate(min(-(-end // step) * step, max(end, self.max_tokens)))
+
+    def _slot(self, seq_id: int) -> int:
+        if seq_id not in self.slot_of:
+            self.slot_of[seq_id] = len(self.slot_of)
+        return self.slot_of[seq_id]
+
+    def _store(self, rows: list[int], starts: list[int], outputs: list[np.ndarray], T: int, at: list[int] | None = None) -> None:
+        """Write the new keys and values of output rows ``at`` (default 0, 1, …) into slots ``rows`` from ``starts``."""
+        for j, (slot, start) in enumerate(zip(rows, starts)):
+            src = j if at is None else at[j]
+            for buffer, new in zip(self.buffers, outputs):
+                buffer[slot, :, start : start + T] = new[src]
+            self.positions[slot, start : start + T] = np.arange(start, start + T)
 
     def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         out = []
         for c in chunks:
             T = len(c.tokens)
-            keys, values = self.model.empty_cache(1)
-            mask = np.ones((1, T + 1), dtype=np.int64)
-            mask[0, 0] = 0
-            logits, keys, values = self.model.run(np.array([c.tokens]), np.arange(T)[None], mask, keys, values)
-            self.rows[c.seq_id] = (keys, values)
+            slot = self._slot(c.seq_id)
+            self._reserve(c.start + T)
+            if c.start == 0:
+                past_positions, past = self.model.empty_past(1)
+            else:
+                past_positions, past = self.positions[slot : slot + 1], [b[slot : slot + 1] for b in self.buffers]
+            logits, *new = self.model.run(np.array([c.tokens]), np.arange(c.start, c.start + T)[None], past_positions, past)
+            self._store([slot], [c.start], new, T)
             out.append(torch.from_numpy(logits[0] if c.all_logits else logits[0, -1:]).float())
         return out
 
     def decode(self, chunks: list[Chunk]) -> torch.Tensor:
-        out = []
-        for c in chunks:
-            keys, values = self.rows[c.seq_id]
-            mask = np.ones((1, c.start + 2), dtype=np.int64)  # placeholder + cached positions + the new token
-            mask[0, 0] = 0
-            logits, keys, values = self.model.run(np.array([c.tokens]), np.array([[c.start]]), mask, keys, values)
-            self.rows[c.seq_id] = (keys, values)
-            out.append(torch.from_numpy(logits[0, -1]))
-        return torch.stack(out).float()
+        self._reserve(max(c.start for c in chunks) + 1)
+        n = len(self.slot_of)  # every occupied slot runs; rows not in this step get a dummy token, their output unused
+        ids, positions = np.zeros((n, 1), dtype=np.int64), np.zeros((n, 1), dtype=np.int64)
+        rows = [self.slot_of[c.seq_id] for c in chunks]
+        for slot, c in zip(rows, chunks):
+            ids[slot, 0], positions[slot, 0] = c.tokens[0], c.start
+        logits, *new = self.model.run(ids, positions, self.positions[:n], [b[:n] for b in self.buffers])
+        self._store(rows, [c.start for c in chunks], new, 1, at=rows)
+        return torch.from_numpy(logits[rows, -1]).float()
 
     def release(self, seq_id: int) -> None:
-        self.rows.pop(seq_id, None)
+        """Free the sequence's slot; the last occupied slot moves into it, keeping slots contiguous."""
+        slot = self.slot_of.pop(seq_id, None)
+        if slot is None:
+            return
+        last = len(self.slot_of)
+        if slot != last:
+            moved = next(s for s, i in self.slot_of.items() if i == last)
+            for buffer in self.buffers:
+                buffer[slot] = buffer[last]
+            self.positions[slot] = self.positions[last]
+            self.slot_of[moved] = slot
+        self.positions[last] = -1
+        if not self.slot_of and self.positions.shape[1] > self.CAPACITY_STEP:
+            del self.buffers
+            self._allocate(self.CAPACITY_STEP)  # idle: give the memory of long sequences back

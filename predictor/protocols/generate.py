@@ -43,7 +43,7 @@ class GenerateRoutes:
             raise validation_error(exc) from None
         ids = self.gen.encode(body.text_input, param="text_input")
         max_tokens = self.gen.max_tokens(ids, body.parameters.max_tokens)
-        return self.gen.request(ids, body.parameters.sampling_params(max_tokens))
+        return self.gen.request(ids, body.parameters.sampling_params(max_tokens, self.gen.loaded.sampling_defaults))
 
     async def generate(self, model_name: str, request: Request) -> dict:
         (done,) = await self.gen.complete_all([self._request(model_name, await request.body())], request.is_disconnected)

@@ -52,7 +52,7 @@ class OpenAIRoutes:
         """The ``n`` requests for one prompt, as (choice index, request); with a seed, choice j uses seed + j."""
         jobs = []
         for j in range(body.n):
-            params = body.sampling_params(max_tokens, logprobs, body.logit_bias)
+            params = body.sampling_params(max_tokens, self.gen.loaded.sampling_defaults, logprobs, body.logit_bias)
             if params.seed is not None:
                 params.seed += j
             jobs.append((first_index + j, self.gen.request(ids, params, prompt_logprobs=prompt_logprobs)))

@@ -21,19 +21,22 @@ class SamplingFields(_Strict):
     """Sampling parameters accepted by every route (OpenAI names, with vLLM's extensions)."""
 
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    # None: the model's generation_config.json value if it has one (see loading.sampling_defaults), else
+    # the OpenAI / vLLM default in SamplingParams.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None = None, logit_bias: dict | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, defaults: dict[str, float], logprobs: int | None = None, logit_bias: dict | None = None) -> SamplingParams:
+        """``defaults`` (the model's recommended sampling) fill the fields the request leaves unset."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias: dict[int, float] = {}
         for key, value in (logit_bias or {}).items():
@@ -41,15 +44,13 @@ class SamplingFields(_Strict):
                 bias[int(key)] = float(value)
             except (TypeError, ValueError):
                 raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        chosen = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        chosen = {name: defaults[name] if value is None and name in defaults else value for name, value in chosen.items()}
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
+            **{name: value for name, value in chosen.items() if value is not None},
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,

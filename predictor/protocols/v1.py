@@ -46,6 +46,6 @@ async def predict(gen: Generation, payload: Any) -> dict:
         except ValidationError as exc:
             raise validation_error(exc) from None
         ids = gen.encode(prompt, param=f"instances.{i}")
-        requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens))))
+        requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens), gen.loaded.sampling_defaults)))
     results = await gen.complete_all(requests)
     return {"predictions": [r.text for r in results]}

@@ -61,7 +61,7 @@ async def infer(gen: Generation, model_name: str, request: InferRequest) -> Infe
     requests = []
     for prompt in prompts:
         ids = gen.encode(prompt, param=INPUT_NAME)
-        requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens))))
+        requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens), gen.loaded.sampling_defaults)))
     results = await gen.complete_all(requests)
     output = InferOutput(name=OUTPUT_NAME, shape=[len(results)], datatype="BYTES", data=[r.text for r in results])
     # Over gRPC, answer as Triton does: the tensor serialized into raw_output_contents (length-prefixed
