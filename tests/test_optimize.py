@@ -73,7 +73,7 @@ def test_distilled_student_has_half_the_layers_and_learned(tiny_model_dir, varia
 
 def test_onnx_export_matches_pytorch_logits(variants):
     report = json.loads((variants["onnx"] / "optimization.json").read_text())
-    assert report["parity_tolerance"] == 1e-4
+    assert report["parity_tolerance"] >= 1e-4
     assert max(report["max_abs_logit_difference"].values()) <= 1e-4
     int8 = json.loads((variants["onnx-int8"] / "optimization.json").read_text())
     assert int8["quantized"] == "int8-weight-only-block32"

@@ -32,6 +32,9 @@ from predictor.loading import LoadedModel
 
 from . import OptimizationError, copy_tokenizer
 
+# The export fails when max |logit difference| exceeds PARITY_TOLERANCE × max(1, largest |logit| / 10): 1e-4 for
+# logits up to 10. Deep models need the scale: on SmolLM2-135M (30 layers, logits up to 34) ONNX Runtime
+# measured 1.45e-4 from PyTorch, which itself is 5.5e-5 from a float64 forward: fp32 rounding, not a bug.
 PARITY_TOLERANCE = 1e-4
 INT8_BLOCK = 32
 INT8_SCHEME = f"int8-weight-only-block{INT8_BLOCK}"
@@ -155,7 +158,8 @@ def _example(model: PreTrainedModel, shapes: list[tuple[int, int]], batch: int, 
 
 
 def parity(model: PreTrainedModel, session: onnx_model.OnnxModel) -> dict[str, float]:
-    """Max |logit difference| against eager PyTorch: batched prefill, then a batched decode of two lengths."""
+    """Max |logit difference| against eager PyTorch: batched prefill, then a batched decode of two lengths;
+    and ``logit_scale``, the largest |logit| of the reference."""
     g = torch.Generator().manual_seed(1)
     lengths = (7, 4)
     prompts = [torch.randint(0, model.config.vocab_size, (n + 1,), generator=g) for n in lengths]
@@ -178,7 +182,7 @@ def parity(model: PreTrainedModel, session: onnx_model.OnnxModel) -> dict[str, f
     new_ids = np.array([[p[n].item()] for p, n in zip(prompts, lengths)])
     out2 = session.run(new_ids, np.array([[n] for n in lengths]), past_positions, out[1:])
     decode = max(float(np.abs(out2[0][row, 0] - reference[row][n]).max()) for row, n in enumerate(lengths))
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, "logit_scale": float(max(np.abs(r).max() for r in reference))}
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -240,12 +244,15 @@ def export(loaded: LoadedModel, output_dir: Path, quantize: bool = False) -> dic
     }
     (output_dir / onnx_model.MANIFEST).write_text(json.dumps(manifest, indent=2))
     copy_tokenizer(loaded, output_dir)
-    difference = parity(model, onnx_model.OnnxModel(output_dir))
-    if not quantize and max(difference.values()) > PARITY_TOLERANCE:
-        raise OptimizationError(f"ONNX logits differ from PyTorch by {max(difference.values()):.2e} (> {PARITY_TOLERANCE:g})")
+    measured = parity(model, onnx_model.OnnxModel(output_dir))
+    scale = measured.pop("logit_scale")
+    tolerance = PARITY_TOLERANCE * max(1.0, scale / 10)
+    if not quantize and max(measured.values()) > tolerance:
+        raise OptimizationError(f"ONNX logits differ from PyTorch by {max(measured.values()):.2e} (> {tolerance:.2g} for logits up to {scale:.1f})")
     return {
         "graph": graph.name,
         "quantized": manifest["quantized"],
-        "max_abs_logit_difference": difference,
-        "parity_tolerance": None if quantize else PARITY_TOLERANCE,
+        "max_abs_logit_difference": measured,
+        "max_abs_logit": scale,
+        "parity_tolerance": None if quantize else tolerance,
     }
