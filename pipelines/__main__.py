@@ -28,9 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("--output", required=True, help="New directory for the variant (with optimization.json).")
     opt.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
     opt.add_argument("--text", help="Training/calibration text: a .txt file or a directory of them (default: the demo corpus).")
-    opt.add_argument("--mlp-keep", type=float, default=0.5, help="prune: fraction of MLP neurons kept in every block.")
-    opt.add_argument("--drop-layers", type=int, default=0, help="prune: number of whole blocks removed (least important first).")
-    opt.add_argument("--student-layers", type=int, help="distill: blocks in the student (default: half the teacher's).")
+    opt.add_argument("--mlp-keep", type=float, default=0.5, help="prune: fraction of MLP neurons kept in every layer.")
+    opt.add_argument("--drop-layers", type=int, default=0, help="prune: number of whole decoder layers removed (least important first).")
+    opt.add_argument(
+        "--kv-heads-keep",
+        type=float,
+        default=1.0,
+        help="prune: fraction of KV head groups (a KV head with its query heads) kept in every layer (default 1: none pruned).",
+    )
+    opt.add_argument("--student-layers", type=int, help="distill: decoder layers in the student (default: half the teacher's).")
     opt.add_argument("--student", help="distill: an existing student model directory (e.g. a pruned model) instead.")
     opt.add_argument("--steps", type=int, default=300, help="distill: training steps.")
     opt.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature T.")
@@ -60,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", default="pipeline-run", help="Working directory: pipeline root, MLflow store, checkpoints (default: ./pipeline-run).")
     run.add_argument("--tiny", action="store_true", help="Tiny model and settings (about 2 minutes; what the tests run).")
     run.add_argument("--corpus", help="Corpus: a .txt file, a directory of them, or an http(s) URL (default: the demo corpus).")
-    run.add_argument("--base-model", help="A model directory to fine-tune instead of training from scratch.")
+    run.add_argument("--base-model", help="A model directory to fine-tune (LoRA by default) instead of training from scratch.")
+    run.add_argument(
+        "--train-config",
+        type=_train_config,
+        default={},
+        metavar="JSON",
+        help='Train settings merged into the default train_config, e.g. \'{"steps": 30, "finetune": "full"}\' (TrainConfig fields).',
+    )
     run.add_argument("--min-speedup", type=float, help="Gate: minimum batch-1 decode speedup over the unoptimized model.")
     run.add_argument("--max-perplexity-increase", type=float, help="Gate: maximum relative perplexity increase (0.05 = 5%%).")
     run.add_argument("--min-greedy-agreement", type=float, help="Gate: minimum share of held-out greedy next tokens equal to the unoptimized model's (0 … 1).")
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from .optimize import OptimizationError, optimize
 
         options = {
-            "prune": dict(mlp_keep=args.mlp_keep, drop_layers=args.drop_layers, text=args.text),
+            "prune": dict(mlp_keep=args.mlp_keep, drop_layers=args.drop_layers, kv_heads_keep=args.kv_heads_keep, text=args.text),
             "distill": dict(
                 student_layers=args.student_layers, student=args.student, steps=args.steps, temperature=args.temperature, alpha=args.alpha, text=args.text
             ),
@@ -138,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _train_config(text: str) -> dict:
+    """``--train-config``: a JSON object of TrainConfig fields, checked here rather than after the data step."""
+    from .train import TrainConfig
+
+    try:
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {text!r}")
+        TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
 def _run_local(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .lifecycle import run_local
 
@@ -152,7 +179,7 @@ def _run_local(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.corpus is not None and not args.corpus.startswith(("http://", "https://")):
         overrides["corpus"] = str(Path(args.corpus).resolve())
-    result = run_local(args.output, tiny=args.tiny, **overrides)
+    result = run_local(args.output, tiny=args.tiny, train_config=args.train_config, **overrides)
     print()
     if result["report"]:
         print(f"evaluation report: {result['report']}")

@@ -42,7 +42,8 @@ def train_model(
     metrics: Output[Metrics],
     loss_curve: Output[HTML],
 ):
-    """Fine-tune ``base_model`` (a model directory) or train ``train_config``'s shape from scratch.
+    """Fine-tune ``base_model`` (a model directory; LoRA merged into the weights unless ``train_config`` says
+    ``"finetune": "full"``) or train ``train_config``'s shape from scratch.
 
     With ``checkpoint_dir`` (a volume that outlives the pod), a retried task resumes from its last checkpoint.
     """
@@ -60,12 +61,14 @@ def train_model(
     report = train_on_dataset(Path(dataset.path), Path(model.path), config, base_model or None, checkpoint)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # the model is saved: the checkpoint only served retries
-    for key in ("held_out_loss", "held_out_perplexity", "steps", "parameters"):
+    for key in ("held_out_loss", "held_out_perplexity", "steps", "parameters", "trainable_parameters"):
         metrics.log_metric(key, report[key])
     metrics.log_metric("final_train_loss", report["train_loss"][-1])
     for step, loss in report["held_out_curve"]:
         metrics.log_metric(f"held_out_loss_step_{step}", loss)
-    model.metadata.update({"name": "unoptimized", "method": "none", "base_model": base_model or "scratch", "parameters": report["parameters"]})
+    model.metadata.update(
+        {"name": "unoptimized", "method": "none", "training": report["method"], "base_model": base_model or "scratch", "parameters": report["parameters"]}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         loss_chart(report, Path(tmp) / "loss.png")
         Path(loss_curve.path).write_text(png_html(Path(tmp) / "loss.png", "Training loss"))
@@ -88,7 +91,8 @@ def optimize_model(model: Input[Model], dataset: Input[Dataset], spec: dict, var
     if method in ("prune", "distill"):
         options.setdefault("text", str(Path(dataset.path) / "train.txt"))
     report = optimize(method, model.path, variant.path, **options)
-    variant.metadata.update({"name": name, "method": method, "options": json.dumps(spec), "base_model": model.metadata.get("base_model", "")})
+    lineage = {k: model.metadata.get(k, "") for k in ("base_model", "training")}
+    variant.metadata.update({"name": name, "method": method, "options": json.dumps(spec), **lineage})
     print(json.dumps({k: v for k, v in report.items() if k != "train_loss"}, indent=2))
 
 
@@ -175,6 +179,7 @@ def register_model(
         "corpus": corpus or "demo corpus (pydoc_data.topics)",
         "dataset": dataset.uri,
         "base_model": str(meta.get("base_model", "")),
+        "training": str(meta.get("training", "")),
         "method": str(meta.get("method", "")),
         "variant": str(meta.get("name", "")),
         "options": str(meta.get("options", "{}")),

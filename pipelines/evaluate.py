@@ -2,9 +2,9 @@
 
 Every model is measured in its own fresh process (so peak resident memory is its own), loaded with the
 predictor's loader and run with the predictor's runner, so the numbers are those of serving:
-- perplexity: exp(token-weighted mean cross-entropy) on held-out text, with a sliding window (stride half
-  the context) for text longer than the context; each token is scored once, with as much context as the
-  window gives it;
+- perplexity: exp(token-weighted mean cross-entropy) on held-out text, with a sliding window (the
+  model's context up to ``MAX_CONTEXT`` tokens, stride half of it) for text longer than that; each
+  token is scored once, with as much context as the window gives it;
 - greedy agreement: the share of held-out positions where the model's greedy next token (argmax, given
   the true text before it) equals the first (unoptimized) model's: how faithful a variant is, which
   perplexity alone does not show;
@@ -33,6 +33,10 @@ METRICS = (
 )  # fmt: skip
 PROMPT_TOKENS = 16
 DECODE_TOKENS = 128
+# Perplexity windows are at most this long (stride half of it): a model's full context (8,192 for SmolLM2)
+# would make one window hold GBs of logits and the KV cache, and the comparison between variants, which is
+# what the evaluation is for, does not need it.
+MAX_CONTEXT = 1024
 REPEATS = 3  # speeds are the median of this many runs
 
 
@@ -124,11 +128,12 @@ def measure(model_dir: str, text: str) -> dict:
     loaded = load_model(model_dir, dtype="float32", device="cpu")
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     parameters = count_parameters(loaded.model)  # before the runner repacks the weights
-    runner = make_runner(loaded.model, KVPlan(None, 16 * loaded.max_model_len), 16, loaded.device)
-    prompt = ids[:PROMPT_TOKENS]
+    context = min(loaded.max_model_len, MAX_CONTEXT)
     tokens = min(DECODE_TOKENS, loaded.max_model_len - PROMPT_TOKENS - 1)
+    runner = make_runner(loaded.model, KVPlan(None, max(context, 16 * (PROMPT_TOKENS + tokens + 1))), 16, loaded.device)
+    prompt = ids[:PROMPT_TOKENS]
     decode_speed(runner, prompt, 1, 4)  # warm-up
-    ppl, predictions = perplexity(runner, ids, loaded.max_model_len)
+    ppl, predictions = perplexity(runner, ids, context)
     result = {
         "model": str(model_dir),
         "perplexity": ppl,

@@ -124,6 +124,9 @@ LOCAL_METHODS = [
     {"name": "pruned-recovered", "method": "prune", "mlp_keep": 0.5, "drop_layers": 1, "recover_steps": 150},
     {"name": "onnx", "method": "onnx"},
 ]
+# For a base model: the methods that need no training. Distillation and pruning recovery work on every family
+# too, but train for hours on CPU at SmolLM2's size; pass ``methods`` to add them.
+BASE_MODEL_METHODS = [{"name": "int8", "method": "int8"}, {"name": "bf16", "method": "cast", "dtype": "bfloat16"}]
 TINY_SETTINGS = {
     "vocab_size": 512,
     "train_config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64, "seq_len": 64, "batch_size": 4, "steps": 40, "lr": 5e-3, "warmup_steps": 5},
@@ -134,7 +137,10 @@ TINY_SETTINGS = {
 
 
 def local_arguments(output_dir, tiny: bool = False, **overrides) -> dict:
-    """The pipeline's arguments for ``run --local``: demo corpus, local MLflow store, checkpoints and a dry-run deploy."""
+    """The pipeline's arguments for ``run --local``: demo corpus, local MLflow store, checkpoints and a dry-run deploy.
+
+    A ``base_model`` gets ``BASE_MODEL_METHODS`` unless ``methods`` is given; ``train_config`` is merged into the default one.
+    """
     from pathlib import Path
 
     out = Path(output_dir).resolve()
@@ -153,7 +159,10 @@ def local_arguments(output_dir, tiny: bool = False, **overrides) -> dict:
     }
     if tiny:
         arguments.update(TINY_SETTINGS)
-    arguments.update(overrides)
+    if overrides.get("base_model"):
+        arguments["methods"] = BASE_MODEL_METHODS
+    train_config = {**arguments["train_config"], **overrides.pop("train_config", {})}
+    arguments.update(overrides, train_config=train_config)
     return arguments
 
 

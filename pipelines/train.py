@@ -2,6 +2,8 @@
 
 The demo model and the pipeline's train step both come from here. Training is deterministic for a given
 seed and thread count; checkpoints are written atomically so a killed run resumes where it left off.
+Fine-tuning a model directory uses LoRA (``peft``) on the decoder layers' projections by default, merged
+into the weights before saving, so the result is a plain transformers model of the base's architecture.
 """
 
 from __future__ import annotations
@@ -14,15 +16,24 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.pytorch_utils import Conv1D
 
 EOS_TOKEN = "<|endoftext|>"
+FINETUNE_METHODS = ("lora", "full")
+# Settings that only apply to fine-tuning a base model: they do not change a model trained from scratch.
+FINETUNE_FIELDS = ("finetune", "lora_rank", "lora_alpha", "lora_dropout")
 
 
 @dataclass
 class TrainConfig:
-    """Shape of the model and of the training run. ``max_seconds`` caps wall time (0: no cap)."""
+    """Shape of the model and of the training run. ``max_seconds`` caps wall time (0: no cap).
+
+    ``finetune`` and the ``lora_*`` fields apply when a base model is fine-tuned: ``"lora"`` trains rank-``lora_rank``
+    adapters (scaled by ``lora_alpha / lora_rank``) and merges them; ``"full"`` trains every weight.
+    """
 
     vocab_size: int = 4096
     n_layer: int = 4
@@ -39,6 +50,16 @@ class TrainConfig:
     max_seconds: float = 0.0
     eval_every: int = 100
     checkpoint_every: int = 0
+    finetune: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_METHODS:
+            raise ValueError(f"finetune must be one of {', '.join(FINETUNE_METHODS)}; got {self.finetune!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1; got {self.lora_rank}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -76,8 +97,11 @@ def batches(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.G
 
 
 @torch.no_grad()
-def held_out_loss(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
-    """Mean next-token cross-entropy over consecutive non-overlapping windows of ``ids``."""
+def held_out_loss(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: int = 64, windows_per_batch: int = 8) -> float:
+    """Mean next-token cross-entropy over consecutive non-overlapping windows of ``ids``.
+
+    Windows go through the model a few at a time: the logits of a large vocabulary would not fit at once.
+    """
     model.eval()
     n = min(max_windows, (len(ids) - 1) // seq_len)
     if n == 0:
@@ -85,10 +109,12 @@ def held_out_loss(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, max_w
     x = ids[: n * seq_len + 1].to(next(model.parameters()).device)
     inputs = x[:-1].view(n, seq_len)
     targets = x[1:].view(n, seq_len)
-    logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    total = 0.0
+    for i in range(0, n, windows_per_batch):
+        logits = model(input_ids=inputs[i : i + windows_per_batch]).logits
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[i : i + windows_per_batch].flatten(), reduction="sum").item()
     model.train()
-    return loss.item()
+    return total / targets.numel()
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -106,7 +132,7 @@ def _save_checkpoint(model, optimizer, step: int, losses: list, curve: list, pat
 
 
 def train_lm(
-    model: GPT2LMHeadModel,
+    model: nn.Module,
     train_ids: torch.Tensor,
     held_out_ids: torch.Tensor,
     config: TrainConfig,
@@ -121,8 +147,9 @@ def train_lm(
         raise ValueError(f"training text has {len(train_ids)} tokens; need more than seq_len + 1 = {config.seq_len + 1}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
@@ -170,7 +197,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
     return round(loss.item(), 4)
 
 
-def _loss(model: GPT2LMHeadModel, batch: torch.Tensor) -> torch.Tensor:
+def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
@@ -194,13 +221,17 @@ def new_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LM
 
 
 def save(model, tokenizer, config: TrainConfig, result: dict, output_dir: Path) -> dict:
-    """The trained model as a Hugging Face directory (safetensors) with ``training.json``; returns the report."""
+    """The trained model as a Hugging Face directory (safetensors) with ``training.json``; returns the report.
+
+    The report's ``method`` (``scratch``, ``lora``, ``full``) and ``trainable_parameters`` default to training from scratch.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    report = {"config": asdict(config), "parameters": sum(p.numel() for p in model.parameters()), **result}
+    total = sum(p.numel() for p in model.parameters())
+    report = {"config": asdict(config), "method": "scratch", "parameters": total, "trainable_parameters": total, **result}
     (output_dir / "training.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -224,8 +255,11 @@ def train_from_scratch(
 def train_on_dataset(
     dataset_dir: Path, output_dir: Path, config: TrainConfig, base_model: str | None = None, checkpoint: Path | None = None, progress: bool = True
 ) -> dict:
-    """The pipeline's train step: fine-tune ``base_model`` (a model directory) or train ``config``'s shape from
-    scratch on a prepared dataset (``pipelines.dataset``), on the GPU when there is one."""
+    """The pipeline's train step: fine-tune ``base_model`` (a model directory; LoRA or full, per ``config.finetune``)
+    or train ``config``'s shape from scratch on a prepared dataset (``pipelines.dataset``), on the GPU when there is one.
+
+    The dataset's tokenizer is saved with the model: the base model's own when fine-tuning (``prepare`` took it from there).
+    """
     from predictor.loading import load_model
 
     from .dataset import load
@@ -234,14 +268,47 @@ def train_on_dataset(
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the pipeline's train step asks for a GPU
     if base_model:
         loaded = load_model(base_model, dtype="float32", device="cpu")
-        model = loaded.model
         config.seq_len = min(config.seq_len, loaded.max_model_len)
+        method = config.finetune
+        model = with_lora(loaded.model, config) if method == "lora" else loaded.model
     else:
-        model = new_model(config, tokenizer)
+        model, method = new_model(config, tokenizer), "scratch"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = train_lm(model.to(device), train_ids, held_out_ids, config, checkpoint=checkpoint, progress=progress)
-    model.to("cpu")
-    result["base_model"] = base_model or "none (trained from scratch)"
-    return save(model, tokenizer, config, result, output_dir)
+    if method == "lora":
+        model = model.merge_and_unload()  # the adapters become part of the weights: a plain model of the base's architecture
+    result.update(base_model=base_model or "none (trained from scratch)", method=method, trainable_parameters=trainable)
+    return save(model.to("cpu"), tokenizer, config, result, output_dir)
+
+
+def lora_targets(model: PreTrainedModel) -> list[str]:
+    """Names of the projections (``nn.Linear``, GPT-2's ``Conv1D``) in the decoder layers, found for any family:
+    the layers are the model's largest ``nn.ModuleList``, which holds neither the embeddings nor the LM head."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    prefix, layers = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()), default=("", nn.ModuleList()))
+    targets = [f"{prefix}.{name}" for name, m in layers.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no linear projections in a list of decoder layers to put LoRA adapters on")
+    return targets
+
+
+def with_lora(model: PreTrainedModel, config: TrainConfig) -> nn.Module:
+    """``model`` wrapped by ``peft`` with LoRA adapters on ``lora_targets``: only the adapters are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model)
+    conv1d = isinstance(model.get_submodule(targets[0]), Conv1D)  # GPT-2 stores its weights transposed (fan_in, fan_out)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(config.seed)  # the adapters' initialisation
+    return get_peft_model(model, lora)
 
 
 def loss_chart(report: dict, path: Path) -> None:

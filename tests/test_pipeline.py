@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO
 from fake_kube_api import FakeKubeAPI
 from test_chart import CRDS, by_kind, render, require_crds
+from test_model_families import build_model
 
 from pipelines.deploy import Cluster, DeployError, deploy, render_isvc
 from pipelines.gate import Thresholds, select
@@ -256,13 +257,14 @@ def test_gate_thresholds_greedy_agreement():
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_model_dir):
-    """A passing run that fine-tunes the tiny model (the other runs below train from scratch)."""
+    """A passing run that fine-tunes a tiny random-weight Llama with LoRA (the other runs below train GPT-2s from scratch)."""
     out = tmp_path_factory.mktemp("pipeline-run")
-    result = cli("run", "--local", "--tiny", "--output", str(out), "--base-model", str(tiny_model_dir))
-    return out, result, tiny_model_dir
+    base_model = build_model("llama", out / "base-model", tiny_model_dir)
+    result = cli("run", "--local", "--tiny", "--output", str(out), "--base-model", str(base_model), "--train-config", '{"lora_rank": 4}')
+    return out, result, base_model
 
 
-def test_local_run_fine_tunes_optimizes_evaluates_registers_and_dry_run_deploys(local_run):
+def test_local_run_fine_tunes_with_lora_optimizes_evaluates_registers_and_dry_run_deploys(local_run):
     from mlflow.tracking import MlflowClient
 
     from predictor.loading import load_model
@@ -274,13 +276,14 @@ def test_local_run_fine_tunes_optimizes_evaluates_registers_and_dry_run_deploys(
     assert "gate-failed" not in result.stderr + result.stdout
     report = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("evaluation report:"))
     table = open(report).read()
-    for name in ("unoptimized", "int8", "distilled-half"):
+    for name in ("unoptimized", "int8", "bf16"):  # a base model gets the methods that work on every family
         assert f"| {name} |" in table
     assert "**Gate:** selected" in table
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", registry_uri=f"sqlite:///{out / 'mlflow.db'}")
     version = client.get_model_version_by_alias("kserve-llm-demo", "candidate")
     assert str(version.version) == "1"
-    assert version.tags["base_model"] == str(base_model) and version.tags["method"] in ("none", "int8", "distill")
+    assert version.tags["base_model"] == str(base_model) and version.tags["method"] in ("none", "int8", "cast")
+    assert version.tags["training"] == "lora"
     assert version.tags["corpus"].startswith("demo corpus")
     run = client.get_run(version.run_id)
     assert {"perplexity", "speedup_batch1", "decode_tokens_per_s_batch1", "bytes_on_disk"} <= set(run.data.metrics)

@@ -1,15 +1,22 @@
 """The pipeline's data and train steps as plain functions: dataset directories, from-scratch training, fine-tuning
-a model directory, and a killed run that resumes from its checkpoint to the same weights."""
+a model directory (LoRA merged into a plain model, or every weight), and a killed run that resumes from its
+checkpoint to the same weights."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
+from safetensors.torch import load_file
+from test_model_families import FAMILIES, build_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipelines import train as train_module
 from pipelines.corpus import demo_corpus, load_corpus
 from pipelines.dataset import load, prepare
-from pipelines.train import TrainConfig, train_on_dataset
+from pipelines.train import TrainConfig, held_out_loss, lora_targets, train_on_dataset, with_lora
 
 SMALL = dict(n_layer=1, n_embd=32, n_head=2, n_positions=32, seq_len=32, batch_size=2, steps=10, lr=5e-3, warmup_steps=2, eval_every=5)
 
@@ -35,6 +42,10 @@ def test_train_config_from_a_pipeline_parameter_casts_numbers_and_refuses_unknow
     assert (config.steps, config.n_layer, config.lr) == (12, 2, 1.0) and isinstance(config.steps, int)
     with pytest.raises(ValueError, match=r"unknown keys \['layers'\]"):
         TrainConfig.from_dict({"layers": 2})
+    lora = TrainConfig.from_dict({"finetune": "lora", "lora_rank": 4.0, "lora_alpha": 8})
+    assert (lora.lora_rank, lora.lora_alpha) == (4, 8.0) and isinstance(lora.lora_rank, int)
+    with pytest.raises(ValueError, match="finetune must be one of lora, full"):
+        TrainConfig.from_dict({"finetune": "qlora"})
 
 
 def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(dataset, tmp_path, monkeypatch):
@@ -67,12 +78,60 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(dataset
 def test_fine_tuning_a_model_directory_keeps_its_tokenizer_and_lowers_held_out_loss(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     prepare(demo_corpus()[:30], data, base_model=str(tiny_model_dir))
-    tune = dict(SMALL, seq_len=64, batch_size=8)
+    tune = dict(SMALL, seq_len=64, batch_size=8, finetune="full")
     before = train_on_dataset(data, tmp_path / "zero", TrainConfig(**dict(tune, steps=1, lr=1e-9)), base_model=str(tiny_model_dir), progress=False)
     tuned = train_on_dataset(data, tmp_path / "tuned", TrainConfig(**dict(tune, steps=30, lr=3e-4)), base_model=str(tiny_model_dir), progress=False)
-    assert tuned["base_model"] == str(tiny_model_dir)
+    assert tuned["base_model"] == str(tiny_model_dir) and tuned["method"] == "full"
+    assert tuned["trainable_parameters"] == tuned["parameters"]
     assert tuned["held_out_loss"] < before["held_out_loss"]
     assert (tmp_path / "tuned" / "tokenizer.json").read_text() == (tiny_model_dir / "tokenizer.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tiny_model_dir, tmp_path_factory):
+    """A 2-layer random-weight Llama with the tiny GPT-2's tokenizer saved next to it."""
+    return build_model("llama", tmp_path_factory.mktemp("tiny-llama"), tiny_model_dir)
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_lora_targets_the_decoder_layers_projections_of_every_family(kind):
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=64, **FAMILIES[kind]))
+    names = lora_targets(model)
+    assert len({re.sub(r"\.\d+\..*", "", name) for name in names}) == 1, names  # all in the one list of decoder layers
+    assert model.get_output_embeddings() not in [model.get_submodule(name) for name in names]
+    wrapped = with_lora(model, TrainConfig(lora_rank=2))
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == {f"base_model.model.{t}.lora_{ab}.default.weight" for t in names for ab in "AB"}
+
+
+@pytest.mark.parametrize(
+    "family, projections",
+    [("gpt2", {"c_attn", "c_proj", "c_fc"}), ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})],
+)
+def test_lora_fine_tuning_trains_adapters_only_and_saves_a_plain_merged_model(family, projections, request, tmp_path):
+    base_dir = request.getfixturevalue("tiny_model_dir" if family == "gpt2" else "tiny_llama_dir")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert {name.rsplit(".", 1)[1] for name in lora_targets(base)} == projections  # attention and MLP, no LM head or embeddings
+    data = tmp_path / "data"
+    prepare(demo_corpus()[:30], data, base_model=str(base_dir))
+    config = TrainConfig(**dict(SMALL, seq_len=64, batch_size=8, steps=20, lr=1e-2, warmup_steps=2, lora_rank=2))
+    report = train_on_dataset(data, tmp_path / "tuned", config, base_model=str(base_dir), progress=False)
+
+    assert report["method"] == "lora" and report["config"]["lora_rank"] == 2
+    assert 0 < report["trainable_parameters"] < 0.1 * report["parameters"]
+    assert report["parameters"] == sum(p.numel() for p in base.parameters())
+    _, _, held_out_ids = load(data)
+    assert report["held_out_loss"] < held_out_loss(base, held_out_ids, config.seq_len)
+
+    tuned_dir = tmp_path / "tuned"
+    assert not [p.name for p in tuned_dir.iterdir() if "adapter" in p.name]
+    assert (tuned_dir / "tokenizer.json").read_text() == (base_dir / "tokenizer.json").read_text()
+    assert set(load_file(tuned_dir / "model.safetensors")) == set(load_file(base_dir / "model.safetensors"))  # no lora_A/B, no base_layer
+    assert json.loads((tuned_dir / "config.json").read_text()) == json.loads((base_dir / "config.json").read_text())
+    tuned = AutoModelForCausalLM.from_pretrained(tuned_dir)
+    assert type(tuned) is type(base)
+    base_weights = base.state_dict()
+    changed = {name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base_weights[name])}
+    assert changed and {name.rsplit(".", 2)[1] for name in changed} == projections  # merged into exactly the adapted projections
 
 
 def test_corpus_errors_name_the_problem(tmp_path):

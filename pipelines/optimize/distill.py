@@ -3,13 +3,13 @@
 loss = alpha · KL(softmax(teacher / T) ‖ softmax(student / T)) · T² + (1 − alpha) · cross-entropy(labels)
 
 The T² keeps the soft term's gradients on the scale of the hard one (Hinton et al., 2015). The student
-is either the teacher with fewer blocks, initialised from evenly spaced teacher blocks (as DistilBERT and
-DistilGPT2 were), or any given model of the same tokenizer, e.g. a pruned one whose quality to recover.
+is either the teacher with fewer decoder layers, initialised from evenly spaced teacher layers (as
+DistilBERT and DistilGPT2 were; any family ``decoder`` knows), or any given model of the same tokenizer
+(any family), e.g. a pruned one whose quality to recover.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -23,18 +23,32 @@ from predictor.loading import LoadedModel, ModelLoadError, load_model
 from ..corpus import demo_corpus, read_corpus, split_documents
 from ..train import batches, held_out_loss, optimizer_step, tokenize
 from . import OptimizationError, copy_tokenizer
+from .decoder import keep_layers
 
 
 def student_from_teacher(teacher: PreTrainedModel, n_layers: int) -> PreTrainedModel:
-    """A copy of ``teacher`` keeping ``n_layers`` evenly spaced blocks (first and last included)."""
-    n = teacher.config.n_layer
+    """A copy of ``teacher`` keeping ``n_layers`` evenly spaced decoder layers (first and last included)."""
+    n = teacher.config.num_hidden_layers
     keep = sorted({round(i * (n - 1) / max(1, n_layers - 1)) for i in range(n_layers)}) if n_layers > 1 else [0]
-    student = copy.deepcopy(teacher)
-    student.transformer.h = torch.nn.ModuleList([student.transformer.h[i] for i in keep])
-    for i, block in enumerate(student.transformer.h):
-        block.attn.layer_idx = i
-    student.config.n_layer = len(keep)
-    return student
+    return keep_layers(teacher, keep)
+
+
+def load_student(student: str, loaded: LoadedModel) -> PreTrainedModel:
+    """The ``--student`` model, refused unless it shares the teacher's tokenizer and is not deeper than it."""
+    try:
+        student_loaded = load_model(student, dtype="float32", device="cpu")
+    except ModelLoadError as exc:
+        raise OptimizationError(f"--student: {exc}") from None
+    model, teacher = student_loaded.model, loaded.model
+    if student_loaded.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        raise OptimizationError(f"--student {student}: its tokenizer differs from the teacher's; distillation compares next-token distributions token by token")
+    if model.config.vocab_size != teacher.config.vocab_size:
+        raise OptimizationError(f"--student {student}: its vocabulary size {model.config.vocab_size} differs from the teacher's {teacher.config.vocab_size}")
+    if model.config.num_hidden_layers > teacher.config.num_hidden_layers:
+        raise OptimizationError(
+            f"--student {student}: it has {model.config.num_hidden_layers} layers, more than the teacher's {teacher.config.num_hidden_layers}"
+        )
+    return model
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
@@ -65,16 +79,9 @@ def distill(
     progress: bool = True,
 ) -> dict:
     teacher = loaded.model
-    n_teacher = teacher.config.n_layer
+    n_teacher = teacher.config.num_hidden_layers
     if student is not None:
-        try:
-            student_model = load_model(student, dtype="float32", device="cpu").model
-        except ModelLoadError as exc:
-            raise OptimizationError(f"student model: {exc}") from None
-        if student_model.config.vocab_size != teacher.config.vocab_size:
-            raise OptimizationError("the student's vocabulary differs from the teacher's")
-        if student_model.config.n_layer > n_teacher:
-            raise OptimizationError(f"the student has {student_model.config.n_layer} layers, more than the teacher's {n_teacher}")
+        student_model = load_student(student, loaded)
     else:
         if student_layers is None:
             student_layers = max(1, n_teacher // 2)
@@ -116,7 +123,7 @@ def distill(
     copy_tokenizer(loaded, output_dir)
     return {
         "teacher_layers": n_teacher,
-        "student_layers": student_model.config.n_layer,
+        "student_layers": student_model.config.num_hidden_layers,
         "steps": steps,
         "temperature": temperature,
         "alpha": alpha,
