@@ -5,10 +5,10 @@ A directory with ``quantization.json`` holds a Hugging Face model whose listed p
 channel (symmetric). Everything else (embeddings, norms) stays float32. ``predictor.loading`` reads it;
 the pipeline's ``optimize --method int8`` writes it.
 
-At run time activations are quantized dynamically, per token: each row is divided by its own absolute
-maximum before PyTorch's dynamic int8 Linear (fbgemm), whose one per-tensor range is pinned to [-1, 1] by a
-sentinel row, and multiplied back after it. So every row is quantized on its own full range and a
-sequence's numbers do not depend on its batch neighbours: with the plain per-tensor range a batch
+At run time activations are quantized dynamically, per token (8 bits where the CPU has VNNI, see
+``REDUCE_RANGE``): each row is divided by its own absolute maximum before PyTorch's dynamic int8 Linear
+(fbgemm), whose one per-tensor range is pinned to [-1, 1] by a sentinel row, and multiplied back after
+it. So every row is quantized on its own full range and a sequence's numbers do not depend on its batch neighbours: with the plain per-tensor range a batch
 neighbour's outliers coarsen every other row (measured: greedy output diverged within a few tokens on a
 test model). fbgemm is ~2.5× faster than ``torch._int_mm`` at batch 1 here, and torchao's int8 configs,
 the successor API, run about 10x slower than float32 on CPU without ``torch.compile``.
@@ -29,6 +29,22 @@ from transformers.pytorch_utils import Conv1D
 MANIFEST = "quantization.json"
 FORMAT = "kserve-llm/int8-dynamic-per-channel"
 WEIGHTS = "model.safetensors"
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (int8 dot products accumulated in int32): Linux's cpuinfo flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+# fbgemm quantizes activations to 7 bits by default ("reduce_range"): without VNNI its u8·s8 pair sums go
+# through int16 and could saturate. With VNNI they accumulate in int32, and the 8th bit matters: on
+# SmolLM2-135M, int8 perplexity (1,024 held-out tokens) measured +13.8% over float32 with 7-bit
+# activations and +4.3% with 8-bit ones.
+REDUCE_RANGE = not _has_vnni()
 
 
 def _dynamic_linear_cls() -> type[nn.Module]:
@@ -70,7 +86,7 @@ class Int8Linear(nn.Module):
             self._rows[0, :2] = torch.tensor([1.0, -1.0])  # pins the per-tensor range to [-1, 1]
         x_scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-8)  # (M, 1)
         torch.div(rows, x_scale, out=self._rows[1 : M + 1])
-        y = self.linear(self._rows[: M + 1])[1:] * x_scale  # (M, out)
+        y = torch.ops.quantized.linear_dynamic(self._rows[: M + 1], self.linear._packed_params._packed_params, REDUCE_RANGE)[1:] * x_scale  # (M, out)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
