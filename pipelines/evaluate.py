@@ -122,6 +122,7 @@ def time_to_first_token(runner, prompt: list[int]) -> float:
 
 def measure(model_dir: str, text: str) -> dict:
     """All metrics of one model (run this in a fresh process for an honest peak RSS)."""
+    from predictor.engine.kv_cache import BLOCK_SIZE
     from predictor.engine.runner import KVPlan, make_runner
     from predictor.loading import load_model
 
@@ -130,7 +131,8 @@ def measure(model_dir: str, text: str) -> dict:
     parameters = count_parameters(loaded.model)  # before the runner repacks the weights
     context = min(loaded.max_model_len, MAX_CONTEXT)
     tokens = min(DECODE_TOKENS, loaded.max_model_len - PROMPT_TOKENS - 1)
-    runner = make_runner(loaded.model, KVPlan(None, max(context, 16 * (PROMPT_TOKENS + tokens + 1))), 16, loaded.device)
+    per_sequence = -(-(PROMPT_TOKENS + tokens + 1) // BLOCK_SIZE) * BLOCK_SIZE  # whole blocks per decoding sequence
+    runner = make_runner(loaded.model, KVPlan(None, max(context, 16 * per_sequence)), 16, loaded.device)
     prompt = ids[:PROMPT_TOKENS]
     decode_speed(runner, prompt, 1, 4)  # warm-up
     ppl, predictions = perplexity(runner, ids, context)
