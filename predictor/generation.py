@@ -66,9 +66,11 @@ class Generation:
             raise InvalidRequest("the prompt is empty", param=param)
         return ids
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Render the chat template (the model's, or the documented fallback) and tokenize it."""
-        text = self.loaded.tokenizer.apply_chat_template(messages, chat_template=self.loaded.chat_template, add_generation_prompt=True, tokenize=False)
+        text = self.loaded.tokenizer.apply_chat_template(
+            messages, chat_template=self.loaded.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
         return self.encode(text, param="messages")
 
     def max_tokens(self, prompt_ids: list[int], requested: int | None, default: int | None = DEFAULT_MAX_TOKENS) -> int:

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     from .engine import EngineConfig
     from .loading import ModelLoadError
     from .model import LLMModel
-    from .protocols import generate, openai
+    from .protocols import generate, openai, tokenize
     from .protocols.errors import install_error_handlers
 
     parser = build_parser()
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     install_error_handlers(app, args.max_body_bytes)
     openai.register(app, openai.OpenAIRoutes(args.model_name, model.generation))
     generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
+    tokenize.register(app, tokenize.TokenizeRoutes(args.model_name, model.generation))
     # KServe logs "OpenAI endpoints not registered" about its own vLLM-based routes; these are ours.
     logger.info("OpenAI routes on /v1 and /openai/v1; V2 generate on /v2/models/%s/generate[_stream]", args.model_name)
     server = DrainingModelServer(model, args.shutdown_grace_period, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)

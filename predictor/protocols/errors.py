@@ -22,7 +22,13 @@ from .sse import error_status
 RETRY_AFTER_SECONDS = 1
 
 
+# vLLM's token routes sit outside /v1 but answer errors as its OpenAI routes do.
+OPENAI_STYLE_PATHS = ("/tokenize", "/detokenize")
+
+
 def _is_openai(path: str) -> bool:
+    if path in OPENAI_STYLE_PATHS:
+        return True
     return any(path.startswith(prefix + "/") and not path.startswith("/v1/models/") for prefix in PREFIXES)
 
 

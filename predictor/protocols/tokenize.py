@@ -1,0 +1,67 @@
+"""vLLM's token-counting routes: ``POST /tokenize`` and ``POST /detokenize``.
+
+``/tokenize`` takes a ``prompt`` or chat ``messages`` (rendered with the model's chat template, as chat
+completions do) and returns the token ids, their ``count`` and ``max_model_len``: a client can check a
+request fits before sending it. The ids are exactly those the completion routes count in
+``usage.prompt_tokens``. ``/detokenize`` turns ids back into text.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Request
+
+from ..generation import Generation
+from ..sampling import InvalidRequest
+from .schema import ChatMessage, _Strict, parse
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # messages only: end with the assistant's turn, as chat completions do
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenizeRoutes:
+    def __init__(self, model_name: str, generation: Generation):
+        self.model_name = model_name
+        self.gen = generation
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
+            raise InvalidRequest(message, param="model", status=404, code="model_not_found")
+
+    async def tokenize(self, request: Request) -> dict:
+        body = parse(TokenizeRequest, await request.body())
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequest("give either prompt or messages", param="prompt" if body.prompt is None else "messages")
+        if body.prompt is not None:
+            ids = self.gen.encode(body.prompt)
+        else:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+            ids = self.gen.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
+        answer = {"count": len(ids), "max_model_len": self.gen.loaded.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            answer["token_strs"] = self.gen.loaded.tokenizer.convert_ids_to_tokens(ids)
+        return answer
+
+    async def detokenize(self, request: Request) -> dict:
+        body = parse(DetokenizeRequest, await request.body())
+        self._check_model(body.model)
+        ids = self.gen.encode(body.tokens, param="tokens") if body.tokens else []
+        return {"prompt": self.gen.loaded.tokenizer.decode(ids)}
+
+
+def register(app: FastAPI, routes: TokenizeRoutes) -> None:
+    router = APIRouter(tags=["Tokenizer"])
+    router.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
+    router.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
+    app.include_router(router)
