@@ -20,6 +20,8 @@ TTFT = Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the f
 ITL = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive generated tokens.", ["model_name"], buckets=_LATENCY_BUCKETS)
 E2E = Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the end of a request.", ["model_name"], buckets=_REQUEST_BUCKETS)
 QUEUE_TIME = Histogram("vllm:request_queue_time_seconds", "Time a request waited before its prefill.", ["model_name"], buckets=_REQUEST_BUCKETS)
+PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model_name"])
+PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed).", ["model_name"])
 PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens processed.", ["model_name"])
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens generated.", ["model_name"])
 SUCCESS = Counter("vllm:request_success", "Requests finished, by finish reason.", ["model_name", "finished_reason"])
@@ -41,6 +43,8 @@ class EngineMetrics:
         self.e2e = E2E.labels(**label)
         self.queue_time = QUEUE_TIME.labels(**label)
         self.prompt_tokens = PROMPT_TOKENS.labels(**label)
+        self.prefix_cache_queries = PREFIX_CACHE_QUERIES.labels(**label)
+        self.prefix_cache_hits = PREFIX_CACHE_HITS.labels(**label)
         self.generation_tokens = GENERATION_TOKENS.labels(**label)
         self.rejected = REJECTED.labels(**label)
 

@@ -64,6 +64,7 @@ class LLMModel(kserve.Model):
         engine = Engine(loaded, self.engine_config, EngineMetrics(self.name))
         engine.start()
         logger.info("model runner: %s", engine.runner.path)
+        logger.info("prefix caching: %s", "on" if engine.scheduler.prefix_caching else "off")
         self.generation = Generation(loaded, engine)
         self._warm_up(engine, loaded.eos_token_id or 0)
         self._engine = engine

@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "loading the weights; on CPU 4Gi. Never more than max_num_seqs × max_model_len positions need.",
     )
     engine.add_argument(
+        "--enable_prefix_caching",
+        dest="enable_prefix_caching",
+        action="store_true",
+        default=True,
+        help="Reuse the KV cache of full 16-token blocks a new request shares with earlier ones (prompt prefixes); on by default.",
+    )
+    engine.add_argument("--no_enable_prefix_caching", dest="enable_prefix_caching", action="store_false", help="Turn prefix caching off.")
+    engine.add_argument(
         "--max_queue", type=_non_negative, default=256, help="Waiting requests beyond the running batch; more get 429 (gRPC RESOURCE_EXHAUSTED)."
     )
     engine.add_argument(
@@ -205,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             request_timeout=args.request_timeout,
             max_prefill_tokens=args.max_prefill_tokens,
             kv_cache_memory=args.kv_cache_memory,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
     )
     try:

@@ -27,7 +27,7 @@ from ..metrics import EngineMetrics
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
 from .detokenizer import Detokenizer
 from .kv_cache import BlockAllocator
-from .runner import Chunk, KVPlan, ModelRunner, make_runner
+from .runner import Chunk, KVPlan, ModelRunner, PagedRunner, make_runner
 from .sampler import sample, token_logprob
 from .scheduler import Scheduler
 
@@ -57,6 +57,7 @@ class EngineConfig:
     request_timeout: float = 600.0
     max_prefill_tokens: int = 2048
     kv_cache_memory: int | None = None  # bytes; None: the device default (kv_cache.py)
+    enable_prefix_caching: bool = True  # with the paged runner only (others keep per-sequence state)
 
 
 @dataclass(eq=False)
@@ -71,6 +72,8 @@ class Sequence:
     seq_id: int = -1
     blocks: list[int] = field(default_factory=list)  # the KV-cache block table
     length: int = 0  # positions in the KV cache
+    cached: int = 0  # leading positions found in the prefix cache at admission (not recomputed)
+    digests: list[bytes] = field(default_factory=list)  # of its full prefill blocks, for the prefix cache
     pending: int = -1  # the last sampled token, fed at the next decode step
     output_ids: list[int] = field(default_factory=list)
     last_token_time: float = 0.0
@@ -80,6 +83,11 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs were asked and not sent yet: every prompt token must be computed."""
+        return bool(self.request.prompt_logprobs) and not self.output_ids
 
     @property
     def tokens_to_prefill(self) -> list[int]:
@@ -140,7 +148,8 @@ class Engine:
             try:
                 plan = KVPlan(self.config.kv_cache_memory, self.config.max_num_seqs * self.loaded.max_model_len)
                 self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device)
-                self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks), self.config.max_num_seqs, self.config.max_prefill_tokens)
+                prefix_caching = self.config.enable_prefix_caching and isinstance(self.runner, PagedRunner)
+                self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks), self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching)
             except BaseException as exc:
                 failure.append(exc)
                 return
@@ -266,6 +275,9 @@ class Engine:
         with self._cond:
             admitted = self.scheduler.admit()
         for seq in admitted:
+            if self.metrics and self.scheduler.prefix_caching:
+                self.metrics.prefix_cache_queries.inc(len(seq.tokens_to_prefill))
+                self.metrics.prefix_cache_hits.inc(seq.cached)
             if seq.detok is not None:  # re-admitted after a preemption: its state carries on
                 continue
             params = seq.request.params
@@ -281,10 +293,12 @@ class Engine:
         chunks = []
         for seq in admitted:
             # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
-            every = seq.request.prompt_logprobs and not seq.output_ids
-            chunks.append(Chunk(seq.seq_id, seq.tokens_to_prefill, 0, seq.blocks, every))
-            seq.length = len(chunks[-1].tokens)
+            tokens = seq.tokens_to_prefill
+            chunks.append(Chunk(seq.seq_id, tokens[seq.cached :], seq.cached, seq.blocks, seq.needs_prompt_logits))
+            seq.length = len(tokens)
         logits = self.runner.prefill(chunks)
+        for seq in admitted:
+            self.scheduler.computed(seq)
         last = []
         for seq, chunk, seq_logits in zip(admitted, chunks, logits):
             if chunk.all_logits:

@@ -12,7 +12,10 @@ only ever hold finite keys and values, so masked positions never bring NaN into 
 
 from __future__ import annotations
 
+import hashlib
 import re
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -65,13 +68,33 @@ def plan_blocks(budget_bytes: int, per_token: int, max_tokens: int, block_size: 
     return max(0, min(by_memory, needed))
 
 
+def block_hashes(tokens: list[int], block_size: int = BLOCK_SIZE) -> list[bytes]:
+    """One digest per full block of ``tokens``, each covering the block's ids and every block before it."""
+    digests, previous = [], b""
+    for i in range(len(tokens) // block_size):
+        block = tokens[i * block_size : (i + 1) * block_size]
+        previous = hashlib.blake2b(previous + array("q", block).tobytes(), digest_size=16).digest()
+        digests.append(previous)
+    return digests
+
+
 class BlockAllocator:
-    """Free block ids; block 0 is reserved. Only the engine thread calls it."""
+    """Block ids with reference counts; block 0 is reserved. Only the engine thread calls it.
+
+    Prefix caching: a full block registered with its ``block_hashes`` digest can be shared by every later
+    sequence whose tokens start the same way. When no sequence uses a cached block any more it stays
+    cached but counts as free; allocation takes never-cached blocks first, then evicts cached ones least
+    recently released first.
+    """
 
     def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self._refs: dict[int, int] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._digest_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached and unused, oldest first
 
     @property
     def capacity(self) -> int:
@@ -80,22 +103,64 @@ class BlockAllocator:
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.capacity - self.free
 
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} KV-cache blocks asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self.free:
+            raise MemoryError(f"{n} KV-cache blocks asked, {self.free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._block_of[self._digest_of.pop(block)]
+            self._refs[block] = 1
+            out.append(block)
+        return out
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):  # a sequence's last blocks become the first evicted: prefixes last longer
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                del self._refs[block]
+                if block in self._digest_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def cached_prefix(self, digests: list[bytes]) -> tuple[int, int]:
+        """How many leading ``digests`` are cached, and how many of those blocks are unused (counted as free)."""
+        hits = unused = 0
+        for digest in digests:
+            block = self._block_of.get(digest)
+            if block is None:
+                break
+            hits += 1
+            unused += block in self._evictable
+        return hits, unused
+
+    def take_cached(self, digests: list[bytes]) -> list[int]:
+        """The cached blocks of ``digests`` (all cached: see ``cached_prefix``), each referenced once more."""
+        blocks = [self._block_of[d] for d in digests]
+        for block in blocks:
+            self._evictable.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
+        return blocks
+
+    def register(self, blocks: list[int], digests: list[bytes]) -> None:
+        """Make full, computed ``blocks`` findable by their digests (the first block of a digest wins)."""
+        for block, digest in zip(blocks, digests):
+            if digest not in self._block_of and block not in self._digest_of:
+                self._block_of[digest] = block
+                self._digest_of[block] = digest
 
 
 class PagedKVCache:

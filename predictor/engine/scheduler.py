@@ -17,17 +17,18 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .kv_cache import BlockAllocator
+from .kv_cache import BlockAllocator, block_hashes
 
 if TYPE_CHECKING:
     from .engine import Sequence
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_prefill_tokens: int, prefix_caching: bool = False):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the first to be preempted
         self.preemptions = 0
@@ -38,22 +39,38 @@ class Scheduler:
         return self.allocator.used / self.allocator.capacity
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running batch, with blocks for their prefill; returns them."""
+        """Move waiting sequences into the running batch, with blocks for their prefill; returns them.
+
+        With prefix caching, a sequence starts with the cached blocks of its longest cached prefix
+        (``seq.cached`` positions, always leaving at least one token to compute) and needs blocks and
+        prefill budget only for the rest.
+        """
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
+        bs = self.allocator.block_size
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = len(seq.tokens_to_prefill)
-            needed = self.allocator.blocks_for(n)
+            tokens = seq.tokens_to_prefill
+            seq.digests = block_hashes(tokens, bs) if self.prefix_caching else []
+            reusable = [] if seq.needs_prompt_logits else seq.digests[: (len(tokens) - 1) // bs]
+            hits, unused = self.allocator.cached_prefix(reusable)
+            n = len(tokens) - hits * bs
+            needed = self.allocator.blocks_for(len(tokens)) - hits
             spare = len(self.running)  # one block of headroom per running sequence
-            if (admitted and n > budget) or self.allocator.free - needed < (spare if self.running else 0):
+            if (admitted and n > budget) or self.allocator.free - unused - needed < (spare if self.running else 0):
                 break
             self.waiting.popleft()
-            seq.blocks = self.allocator.allocate(needed)
+            seq.blocks = self.allocator.take_cached(reusable[:hits]) + self.allocator.allocate(needed)
+            seq.cached = hits * bs
             budget -= n
             self.running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def computed(self, seq: Sequence) -> None:
+        """``seq``'s prefill ran: its full blocks may now be shared."""
+        if self.prefix_caching:
+            self.allocator.register(seq.blocks, seq.digests)
 
     def reserve_decode(self) -> list[Sequence]:
         """Give each running sequence the block its next position needs, preempting the newest if the
