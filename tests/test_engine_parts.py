@@ -123,6 +123,9 @@ class FakeSequence:
         self.tokens_to_prefill = [1] * prompt_len
         self.blocks: list[int] = []
         self.length = prompt_len
+        self.needs_prompt_logits = False
+        self.cached = 0
+        self.digests: list[bytes] = []
 
 
 def test_scheduler_admits_by_blocks_and_preempts_the_newest():
