@@ -61,6 +61,37 @@ def main(argv: list[str] | None = None) -> int:
     isvc.add_argument("--values", action="append", default=[], metavar="FILE", help="Chart values file (repeat), as for helm install -f.")
     isvc.add_argument("--validate", action="store_true", help="Also validate against the KServe CRD schema ($KSERVE_LLM_CRDS).")
 
+    tj = commands.add_parser("render-trainjob", help="Print the Kubeflow Trainer TrainJob the train step creates for these settings (train_nodes > 1).")
+    tj.add_argument("--name", required=True, help="TrainJob name.")
+    tj.add_argument("--namespace", default="default", help="Namespace (default: default).")
+    tj.add_argument("--image", default=os.environ.get("KSERVE_LLM_IMAGE", "ghcr.io/kserve-llm/predictor:0.1.0"), help="Trainer image.")
+    tj.add_argument("--nodes", type=int, default=2, help="Training nodes (numNodes; default 2).")
+    tj.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one process each (0: CPU, one process per node; default 1).")
+    tj.add_argument("--runtime", default="torch-distributed", help="Training runtime name (default: the stock torch-distributed ClusterTrainingRuntime).")
+    tj.add_argument("--runtime-kind", default="ClusterTrainingRuntime", choices=["ClusterTrainingRuntime", "TrainingRuntime"], help="Kind of the runtime.")
+    tj.add_argument("--workspace-pvc", default="kserve-llm-workspace", help="ReadWriteMany PVC for dataset, checkpoints, model.")
+    tj.add_argument("--workspace-path", default="/workspace", help="Where the PVC is mounted (default: /workspace).")
+    tj.add_argument("--stage", default="/workspace/runs/example", help="Run directory on the volume: dataset/ in, model/ and train.pt out.")
+    tj.add_argument("--base-model", default="", help="A model directory on the volume to fine-tune.")
+    tj.add_argument("--train-config", type=_train_config, default={}, metavar="JSON", help="TrainConfig fields (batch_size is the global batch).")
+    tj.add_argument("--cpu", default="8", help="CPU per node (default 8).")
+    tj.add_argument("--memory", default="64Gi", help="Memory per node (default 64Gi).")
+    tj.add_argument("--validate", action="store_true", help="Also validate against the TrainJob CRD schema ($KSERVE_LLM_CRDS).")
+
+    train = commands.add_parser("train", help="Train on a prepared dataset directory (the TrainJob's command); under torchrun, data-parallel (DDP or FSDP).")
+    train.add_argument("--dataset", type=Path, required=True, help="Prepared dataset directory (tokenizer/, ids.safetensors: the pipeline's data step).")
+    train.add_argument("--output", type=Path, required=True, help="Model directory to write (must not exist, or be empty).")
+    train.add_argument("--base-model", help="A model directory to fine-tune (LoRA by default) instead of training from scratch.")
+    train.add_argument(
+        "--train-config",
+        type=_train_config,
+        default={},
+        metavar="JSON",
+        help='TrainConfig fields, e.g. \'{"steps": 30, "batch_size": 16, "parallelism": "fsdp"}\' (batch_size is the global batch).',
+    )
+    train.add_argument("--checkpoint", type=Path, help="Checkpoint file: resumed from when it exists, written by rank 0 every checkpoint_every steps.")
+    train.add_argument("--quiet", action="store_true", help="No progress bar.")
+
     run = commands.add_parser("run", help="Run the whole pipeline.")
     run.add_argument("--local", action="store_true", required=True, help="On this machine with kfp.local (the only mode; for a cluster, compile and upload).")
     run.add_argument("--output", default="pipeline-run", help="Working directory: pipeline root, MLflow store, checkpoints (default: ./pipeline-run).")
@@ -146,6 +177,49 @@ def main(argv: list[str] | None = None) -> int:
         except SchemaError as exc:
             parser.error(f"the InferenceService does not validate: {exc}")
         print(yaml.safe_dump(isvc, sort_keys=False), end="")
+    elif args.command == "render-trainjob":
+        import yaml
+
+        from .k8s_schema import SchemaError, validate
+        from .trainjob import TrainJobSettings, render_trainjob
+
+        try:
+            settings = TrainJobSettings(
+                name=args.name,
+                namespace=args.namespace,
+                image=args.image,
+                num_nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node,
+                runtime=args.runtime,
+                runtime_kind=args.runtime_kind,
+                workspace_pvc=args.workspace_pvc,
+                workspace_path=args.workspace_path,
+                cpu_per_node=args.cpu,
+                memory_per_node=args.memory,
+            )
+            job = render_trainjob(settings, args.stage, args.train_config, args.base_model)
+            if args.validate:
+                validate(job)
+        except ValueError as exc:  # SchemaError is a ValueError
+            parser.error(f"the TrainJob does not validate: {exc}" if isinstance(exc, SchemaError) else str(exc))
+        print(yaml.safe_dump(job, sort_keys=False), end="")
+    elif args.command == "train":
+        from .train import TrainConfig, train_on_dataset
+
+        if not (args.dataset / "ids.safetensors").is_file():
+            parser.error(f"--dataset: {args.dataset} is not a prepared dataset directory (no ids.safetensors)")
+        if args.output.is_file() or (args.output.is_dir() and any(args.output.iterdir())):
+            parser.error(f"--output: {args.output} already exists and is not empty")
+        if args.checkpoint is not None:
+            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            report = train_on_dataset(args.dataset, args.output, TrainConfig.from_dict(args.train_config), args.base_model, args.checkpoint, not args.quiet)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if os.environ.get("RANK", "0") == "0":  # torchrun's rank 0 saved the model; the other ranks print nothing
+            keys = ("method", "steps", "held_out_loss", "held_out_perplexity", "parameters", "trainable_parameters")
+            summary = {"output": str(args.output), **{k: report[k] for k in keys}, "final_train_loss": report["train_loss"][-1]}
+            print(json.dumps({**summary, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
     elif args.command == "run":
         return _run_local(args, parser)
     return 0

@@ -38,6 +38,15 @@ def train_model(
     train_config: dict,
     checkpoint_dir: str,
     run_id: str,
+    train_backend: str,
+    train_nodes: int,
+    train_gpus_per_node: int,
+    trainjob_runtime: str,
+    train_image: str,
+    workspace_pvc: str,
+    workspace_path: str,
+    hf_token_secret: str,
+    train_timeout_s: int,
     model: Output[Model],
     metrics: Output[Metrics],
     loss_curve: Output[HTML],
@@ -45,7 +54,10 @@ def train_model(
     """Fine-tune ``base_model`` (a model directory; LoRA merged into the weights unless ``train_config`` says
     ``"finetune": "full"``) or train ``train_config``'s shape from scratch.
 
-    With ``checkpoint_dir`` (a volume that outlives the pod), a retried task resumes from its last checkpoint.
+    ``train_backend`` "pod" trains in this step's pod; "trainjob" (or "auto" with ``train_nodes`` > 1) runs a
+    Kubeflow Trainer TrainJob of ``train_nodes`` x ``train_gpus_per_node`` on ``trainjob_runtime`` and waits for it
+    (``pipelines.trainjob``). With ``checkpoint_dir`` (a volume that outlives the pod), a retried task resumes
+    from its last checkpoint.
     """
     import tempfile
     from pathlib import Path
@@ -54,13 +66,31 @@ def train_model(
     from pipelines.train import TrainConfig, loss_chart, train_on_dataset
 
     config = TrainConfig.from_dict(train_config)
-    checkpoint = Path(checkpoint_dir) / run_id / "train.pt" if checkpoint_dir else None
-    if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        config.checkpoint_every = config.checkpoint_every or 50
-    report = train_on_dataset(Path(dataset.path), Path(model.path), config, base_model or None, checkpoint)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # the model is saved: the checkpoint only served retries
+    if train_backend not in ("auto", "pod", "trainjob"):
+        raise ValueError(f"train_backend must be auto, pod or trainjob; got {train_backend!r}")
+    if train_backend == "trainjob" or (train_backend == "auto" and train_nodes > 1):
+        from pipelines.trainjob import TrainJobSettings, job_name, namespace_of_this_pod, train_with_trainjob
+
+        settings = TrainJobSettings(
+            name=job_name(run_id),
+            namespace=namespace_of_this_pod(),
+            image=train_image,
+            num_nodes=train_nodes,
+            gpus_per_node=train_gpus_per_node,
+            runtime=trainjob_runtime,
+            workspace_pvc=workspace_pvc,
+            workspace_path=workspace_path,
+            hf_token_secret=hf_token_secret,
+        )
+        report = train_with_trainjob(Path(dataset.path), Path(model.path), settings, run_id, train_config, base_model, timeout_s=train_timeout_s)
+    else:
+        checkpoint = Path(checkpoint_dir) / run_id / "train.pt" if checkpoint_dir else None
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            config.checkpoint_every = config.checkpoint_every or 50
+        report = train_on_dataset(Path(dataset.path), Path(model.path), config, base_model or None, checkpoint)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # the model is saved: the checkpoint only served retries
     for key in ("held_out_loss", "held_out_perplexity", "steps", "parameters", "trainable_parameters"):
         metrics.log_metric(key, report[key])
     metrics.log_metric("final_train_loss", report["train_loss"][-1])

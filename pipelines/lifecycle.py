@@ -34,6 +34,13 @@ def llm_lifecycle(
     checkpoint_dir: str = f"{WORKSPACE}/checkpoints",
     workspace_pvc: str = "kserve-llm-workspace",
     hf_token_secret: str = "hf-token",
+    train_backend: str = "auto",
+    train_nodes: int = 1,
+    train_gpus_per_node: int = 1,
+    train_pod_gpus: int = 1,
+    trainjob_runtime: str = "torch-distributed",
+    train_image: str = c.IMAGE,
+    train_timeout_s: int = 86_400,
     methods: list = DEFAULT_METHODS,
     max_perplexity_increase: float = 0.05,
     min_speedup: float = 1.2,
@@ -59,10 +66,20 @@ def llm_lifecycle(
         train_config=train_config,
         checkpoint_dir=checkpoint_dir,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        train_backend=train_backend,
+        train_nodes=train_nodes,
+        train_gpus_per_node=train_gpus_per_node,
+        trainjob_runtime=trainjob_runtime,
+        train_image=train_image,
+        workspace_pvc=workspace_pvc,
+        workspace_path=WORKSPACE,
+        hf_token_secret=hf_token_secret,
+        train_timeout_s=train_timeout_s,
     )
     train.set_display_name("train")
     train.set_retry(num_retries=2, backoff_duration="60s")
-    train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    # The step's own GPUs: 1 to train in its pod; 0 when it only launches and watches a TrainJob (train_nodes > 1).
+    train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_pod_gpus)
     kubernetes.mount_pvc(train, pvc_name=workspace_pvc, mount_path=WORKSPACE)
     kubernetes.use_secret_as_env(train, secret_name=hf_token_secret, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)
     kubernetes.use_secret_as_env(prepare, secret_name=hf_token_secret, secret_key_to_env={"token": "HF_TOKEN"}, optional=True)

@@ -4,6 +4,11 @@ The demo model and the pipeline's train step both come from here. Training is de
 seed and thread count; checkpoints are written atomically so a killed run resumes where it left off.
 Fine-tuning a model directory uses LoRA (``peft``) on the decoder layers' projections by default, merged
 into the weights before saving, so the result is a plain transformers model of the base's architecture.
+
+Under ``torchrun`` the same code trains data-parallel (``pipelines.distributed``: DDP, or FSDP for a model that
+does not fit one device). ``batch_size`` stays the global batch: every rank draws the same batch and trains on its
+share of the rows, so the loss curve, the schedule and checkpoint replay are those of one process; rank 0 alone
+writes checkpoints and the model, so any world size resumes any other's checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
+from . import distributed
+
 EOS_TOKEN = "<|endoftext|>"
 FINETUNE_METHODS = ("lora", "full")
 # Settings that only apply to fine-tuning a base model: they do not change a model trained from scratch.
@@ -33,6 +40,10 @@ class TrainConfig:
 
     ``finetune`` and the ``lora_*`` fields apply when a base model is fine-tuned: ``"lora"`` trains rank-``lora_rank``
     adapters (scaled by ``lora_alpha / lora_rank``) and merges them; ``"full"`` trains every weight.
+
+    ``batch_size`` is the global batch, whatever the number of processes. ``parallelism`` applies under torchrun
+    with more than one process: ``"ddp"`` keeps a whole model on every rank, ``"fsdp"`` shards it (FSDP2) for a
+    model that does not fit one device.
     """
 
     vocab_size: int = 4096
@@ -54,10 +65,13 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.finetune not in FINETUNE_METHODS:
             raise ValueError(f"finetune must be one of {', '.join(FINETUNE_METHODS)}; got {self.finetune!r}")
+        if self.parallelism not in distributed.PARALLELISMS:
+            raise ValueError(f"parallelism must be one of {', '.join(distributed.PARALLELISMS)}; got {self.parallelism!r}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1; got {self.lora_rank}")
 
@@ -125,10 +139,27 @@ def _lr_at(step: int, config: TrainConfig) -> float:
 
 
 def _save_checkpoint(model, optimizer, step: int, losses: list, curve: list, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses, "held_out_curve": curve}
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """Rank 0 writes the plain model's state (atomically: a kill leaves the previous checkpoint); the others wait, so
+    that no rank runs ahead of a checkpoint that is not on disk yet. Under FSDP every rank takes part in the gathering."""
+    weights, optimizer_state = distributed.full_state(model, optimizer)
+    if distributed.is_main():
+        tmp = path.with_suffix(".tmp")
+        state = {"model": weights, "optimizer": optimizer_state, "step": step, "losses": losses, "held_out_curve": curve}
+        torch.save(state, tmp)
+        tmp.replace(path)
+    distributed.barrier()
+
+
+def _held_out(model: nn.Module, ids: torch.Tensor, seq_len: int, **windows) -> float | None:
+    """``held_out_loss`` on rank 0 (``None`` on the others): a replica evaluates on rank 0 alone, a sharded (FSDP)
+    model on every rank together, as its forward pass gathers the weights."""
+    if distributed.is_sharded(model):
+        loss = held_out_loss(model, ids, seq_len, **windows)
+    elif distributed.is_main():
+        loss = held_out_loss(distributed.unwrap(model), ids, seq_len, **windows)
+    else:
+        return None
+    return loss if distributed.is_main() else None
 
 
 def train_lm(
@@ -142,12 +173,20 @@ def train_lm(
     """Train ``model`` in place with AdamW and a cosine schedule; returns the loss curve and held-out loss.
 
     With ``checkpoint`` set, state is saved every ``config.checkpoint_every`` steps and a run resumes from it.
+
+    In a process group (``pipelines.distributed``) every rank draws the same global batch of ``config.batch_size``
+    rows from the same seeded generator and trains on its contiguous ``batch_size / world size`` rows: the gradient
+    and the logged loss (averaged over the ranks) are the global batch's, and the sampler stays in lockstep for
+    resuming. Every rank reads the checkpoint; rank 0 writes it. Afterwards ``model`` holds the trained weights on
+    rank 0 (on every rank with DDP), and only rank 0's result has the held-out curve and loss.
     """
     if len(train_ids) <= config.seq_len + 1:
         raise ValueError(f"training text has {len(train_ids)} tokens; need more than seq_len + 1 = {config.seq_len + 1}")
+    distributed.rows_per_rank(config.batch_size)  # the batch must split evenly over the ranks
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trained = distributed.wrap(model, config.parallelism, layers=decoder_layers(model)[0])  # model itself in one process
+    trainable = [p for p in trained.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -158,43 +197,51 @@ def train_lm(
     start_step, losses, curve = 0, [], []
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(trained, optimizer, state["model"], state["optimizer"])
         start_step, losses, curve = state["step"], state["losses"], state.get("held_out_curve", [])
         for _ in range(start_step):  # replay the batch sampler so a resumed run sees the same batches
             batches(train_ids, config.seq_len, config.batch_size, generator)
-    model.train()
-    device = next(model.parameters()).device
+    trained.train()
+    device = next(trained.parameters()).device
     started = time.monotonic()
-    bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress, initial=start_step, total=config.steps)
+    bar = tqdm(range(start_step, config.steps), desc="train", disable=not (progress and distributed.is_main()), initial=start_step, total=config.steps)
     step = start_step
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        batch = batches(train_ids, config.seq_len, config.batch_size, generator).to(device)
-        losses.append(optimizer_step(model, optimizer, _loss(model, batch)))
+        batch = distributed.local_rows(batches(train_ids, config.seq_len, config.batch_size, generator)).to(device)
+        losses.append(optimizer_step(trained, optimizer, _loss(trained, batch)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if config.eval_every and (step + 1) % config.eval_every == 0:
-            curve.append([step + 1, round(held_out_loss(model, held_out_ids, config.seq_len, max_windows=16), 4)])
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", held_out=f"{curve[-1][1]:.3f}")
+            loss = _held_out(trained, held_out_ids, config.seq_len, max_windows=16)
+            if loss is not None:
+                curve.append([step + 1, round(loss, 4)])
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", held_out=f"{curve[-1][1]:.3f}")
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            _save_checkpoint(model, optimizer, step + 1, losses, curve, checkpoint)
-        if config.max_seconds and time.monotonic() - started > config.max_seconds:
+            _save_checkpoint(trained, optimizer, step + 1, losses, curve, checkpoint)
+        if config.max_seconds and distributed.any_rank(time.monotonic() - started > config.max_seconds):
             break
     bar.close()
     model.eval()
-    result = {"steps": len(losses), "train_loss": losses, "held_out_curve": curve, "held_out_loss": held_out_loss(model, held_out_ids, config.seq_len)}
-    result["held_out_perplexity"] = math.exp(result["held_out_loss"])
+    result = {"steps": len(losses), "train_loss": losses, "held_out_curve": curve}
+    final = _held_out(trained, held_out_ids, config.seq_len)
+    distributed.gather_weights(trained, model)  # FSDP trained a sharded copy: its weights into model on rank 0
+    if final is not None:
+        result.update(held_out_loss=final, held_out_perplexity=math.exp(final))
     return result
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """Backward, clip the gradient norm to 1, step; returns the loss rounded for the loss curve."""
+    """Backward, clip the gradient norm to 1, step; returns the loss (the mean over the ranks) rounded for the loss curve.
+
+    DDP has averaged the gradients over the ranks by the time of clipping, and FSDP's norm is over the sharded
+    (DTensor) gradients: either way the norm clipped is the global batch's.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return round(loss.item(), 4)
+    return round(distributed.mean(loss), 4)
 
 
 def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -259,33 +306,47 @@ def train_on_dataset(
     or train ``config``'s shape from scratch on a prepared dataset (``pipelines.dataset``), on the GPU when there is one.
 
     The dataset's tokenizer is saved with the model: the base model's own when fine-tuning (``prepare`` took it from there).
+    Under torchrun every rank calls this and joins the process group for the run; rank 0 alone merges, saves and
+    returns the report, the other ranks return their partial result (no held-out loss) once it is saved.
     """
     from predictor.loading import load_model
 
     from .dataset import load
 
     tokenizer, train_ids, held_out_ids = load(dataset_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the pipeline's train step asks for a GPU
-    if base_model:
-        loaded = load_model(base_model, dtype="float32", device="cpu")
-        config.seq_len = min(config.seq_len, loaded.max_model_len)
-        method = config.finetune
-        model = with_lora(loaded.model, config) if method == "lora" else loaded.model
-    else:
-        model, method = new_model(config, tokenizer), "scratch"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = train_lm(model.to(device), train_ids, held_out_ids, config, checkpoint=checkpoint, progress=progress)
-    if method == "lora":
-        model = model.merge_and_unload()  # the adapters become part of the weights: a plain model of the base's architecture
-    result.update(base_model=base_model or "none (trained from scratch)", method=method, trainable_parameters=trainable)
-    return save(model.to("cpu"), tokenizer, config, result, output_dir)
+    with distributed.process_group():  # under torchrun: every rank runs this, rank 0 saves
+        if base_model:
+            loaded = load_model(base_model, dtype="float32", device="cpu")
+            config.seq_len = min(config.seq_len, loaded.max_model_len)
+            method = config.finetune
+            model = with_lora(loaded.model, config) if method == "lora" else loaded.model
+        else:
+            model, method = new_model(config, tokenizer), "scratch"
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # On the GPU when there is one (the pipeline's train step asks for one); FSDP shards a copy onto the devices
+        # and leaves the whole model on the CPU.
+        sharded = distributed.world_size() > 1 and config.parallelism == "fsdp"
+        placed = model if sharded else model.to(distributed.device())
+        result = train_lm(placed, train_ids, held_out_ids, config, checkpoint=checkpoint, progress=progress)
+        if distributed.is_main():
+            if method == "lora":
+                model = model.merge_and_unload()  # the adapters become part of the weights: a plain model of the base's architecture
+            result.update(base_model=base_model or "none (trained from scratch)", method=method, trainable_parameters=trainable)
+            result = save(model.to("cpu"), tokenizer, config, result, output_dir)
+        distributed.barrier()  # the other ranks wait for rank 0's model directory
+    return result
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers and their name, found for any family: the model's largest ``nn.ModuleList``, which holds
+    neither the embeddings nor the LM head (``("", empty list)`` when there is none)."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()), default=("", nn.ModuleList()))
 
 
 def lora_targets(model: PreTrainedModel) -> list[str]:
-    """Names of the projections (``nn.Linear``, GPT-2's ``Conv1D``) in the decoder layers, found for any family:
-    the layers are the model's largest ``nn.ModuleList``, which holds neither the embeddings nor the LM head."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    prefix, layers = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()), default=("", nn.ModuleList()))
+    """Names of the projections (``nn.Linear``, GPT-2's ``Conv1D``) in the decoder layers (``decoder_layers``)."""
+    prefix, layers = decoder_layers(model)
     targets = [f"{prefix}.{name}" for name, m in layers.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no linear projections in a list of decoder layers to put LoRA adapters on")

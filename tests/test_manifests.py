@@ -45,13 +45,14 @@ def test_overlay_equals_the_chart_with_its_values(overlay):
         validate(doc)
 
 
-def test_pipeline_rbac_validates_and_grants_only_inferenceservice_verbs():
+def test_pipeline_rbac_validates_and_grants_only_the_steps_verbs_on_their_resources():
     docs = keyed(kustomize(REPO / "manifests" / "rbac"))
     for doc in docs.values():
         validate(doc)
     role = docs[("Role", "kserve-llm-deployer")]
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
-    assert {g for g, _, _ in granted} == {"serving.kserve.io"}
-    assert {v for _, _, v in granted} == {"get", "create", "patch", "delete"}  # no list or watch across the namespace
+    services = {("serving.kserve.io", r, v) for r in ("inferenceservices", "llminferenceservices") for v in ("get", "create", "patch", "delete")}
+    trainjobs = {("trainer.kubeflow.org", "trainjobs", v) for v in ("get", "create", "delete")}
+    assert granted == services | trainjobs  # no list or watch across the namespace, nothing else
     binding = docs[("RoleBinding", "kserve-llm-deployer")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kserve-llm-deployer"}]

@@ -17,6 +17,7 @@ from test_model_families import build_model
 
 from pipelines.deploy import Cluster, DeployError, deploy, render_isvc
 from pipelines.gate import Thresholds, select
+from pipelines.kube import KubeError
 
 PIPELINE_YAML = REPO / "pipelines" / "llm_lifecycle.yaml"
 
@@ -79,7 +80,10 @@ def test_compiled_dag_condition_parallelism_and_cluster_settings(compiled):
     assert root["train-model"]["retryPolicy"]["maxRetryCount"] == 2
     train = spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]
     assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert train["resources"]["accelerator"]["resourceCount"] == "1"
+    assert "train_pod_gpus" in train["resources"]["accelerator"]["resourceCount"]  # 0 when a TrainJob trains instead
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["train_pod_gpus"]["defaultValue"] == 1 and inputs["train_nodes"]["defaultValue"] == 1
+    assert inputs["train_backend"]["defaultValue"] == "auto" and inputs["trainjob_runtime"]["defaultValue"] == "torch-distributed"
     for executor in spec["deploymentSpec"]["executors"].values():
         container = executor["container"]
         assert container["image"] == "ghcr.io/kserve-llm/predictor:0.1.0"
@@ -149,7 +153,7 @@ def test_deploy_with_fake_api_server_creates_then_patches_idempotently(fake_kube
     assert second["action"] == "updated" and second["generation"] == 2
     again = deploy(_isvc("s3://models/llm/2", canary=10), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
     assert again["generation"] == 2, "re-applying the same spec must not change anything"
-    stored = fake_kube.objects[("ml", "llm")]
+    stored = fake_kube.objects[("inferenceservices", "ml", "llm")]
     assert stored["spec"]["predictor"]["model"]["storageUri"] == "s3://models/llm/2"
     assert stored["spec"]["predictor"]["canaryTrafficPercent"] == 10
     applies = [r for r in fake_kube.requests if r["method"] == "PATCH"]
@@ -161,11 +165,11 @@ def test_deploy_with_fake_api_server_creates_then_patches_idempotently(fake_kube
 def test_deploy_with_fake_api_server_rolls_back_a_never_ready_update(fake_kube):
     require_crds()
     deploy(_isvc("s3://models/llm/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
-    good_spec = copy.deepcopy(fake_kube.objects[("ml", "llm")]["spec"])
+    good_spec = copy.deepcopy(fake_kube.objects[("inferenceservices", "ml", "llm")]["spec"])
     fake_kube.ready = "never"
     with pytest.raises(DeployError, match=r"not Ready after 1 s \(RevisionMissing: Revision failed.*OOMKilled\)\); rolled back to the previous spec"):
         deploy(_isvc("s3://models/llm/broken"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=1, crds=CRDS, log=lambda *_: None)
-    assert fake_kube.objects[("ml", "llm")]["spec"] == good_spec
+    assert fake_kube.objects[("inferenceservices", "ml", "llm")]["spec"] == good_spec
     assert fake_kube.requests[-1]["verb"] == "patch" and fake_kube.requests[-1]["body"]["spec"] == good_spec
 
 
@@ -191,6 +195,7 @@ def test_deploy_uses_exactly_the_verbs_the_rbac_role_grants(fake_kube):
     role = yaml.safe_load((REPO / "manifests" / "rbac" / "role.yaml").read_text())
     granted = {verb for rule in role["rules"] if "inferenceservices" in rule["resources"] for verb in rule["verbs"]}
     assert used == granted == {"get", "create", "patch", "delete"}
+    assert {r["resource"] for r in fake_kube.requests} == {"inferenceservices"}
 
 
 def test_deploy_dry_run_validates_without_a_cluster_and_rejects_an_invalid_spec():
@@ -216,7 +221,7 @@ def test_deploy_names_an_unreachable_api_server(tmp_path):
         api.kubeconfig(kubeconfig)
     with pytest.raises(DeployError, match="cannot reach the Kubernetes API at http://127.0.0.1"):
         deploy(_isvc("s3://m/1"), cluster=Cluster(kubeconfig=str(kubeconfig)), crds=CRDS, log=lambda *_: None)
-    with pytest.raises(DeployError, match="no Kubernetes configuration"):
+    with pytest.raises(KubeError, match="no Kubernetes configuration"):
         Cluster(kubeconfig=str(tmp_path / "missing-kubeconfig"))
 
 
