@@ -52,13 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--output", default=str(PIPELINE_YAML), help=f"IR YAML file (default: {PIPELINE_YAML.relative_to(REPO)}).")
     comp.add_argument("--image", help="Image of every component (default: $KSERVE_LLM_IMAGE or ghcr.io/kserve-llm/predictor:0.1.0).")
 
-    isvc = commands.add_parser("render-isvc", help="Print the InferenceService the deploy step would apply (rendered by the Helm chart).")
+    isvc = commands.add_parser("render-isvc", help="Print the InferenceService or LLMInferenceService the deploy step would apply (the Helm chart renders it).")
     isvc.add_argument("--name", required=True, help="InferenceService name.")
     isvc.add_argument("--storage-uri", required=True, help="Model location: s3://, gs://, pvc://, hf://, oci://, https://...")
     isvc.add_argument("--namespace", default="default", help="Namespace (default: default).")
     isvc.add_argument("--canary", type=int, metavar="PERCENT", help="Canary traffic percent for the new revision (needs deploymentMode=Knative).")
     isvc.add_argument("--model-name", help="Model name on the endpoints (default: the chart's model.name).")
     isvc.add_argument("--values", action="append", default=[], metavar="FILE", help="Chart values file (repeat), as for helm install -f.")
+    isvc.add_argument("--engine", choices=["kserve-llm", "vllm"], help="Serving engine (the chart's engine value; default: the chart's, kserve-llm).")
+    isvc.add_argument(
+        "--kind", choices=["InferenceService", "LLMInferenceService"], help="Resource to render (the chart's kind value; default: InferenceService)."
+    )
     isvc.add_argument("--validate", action="store_true", help="Also validate against the KServe CRD schema ($KSERVE_LLM_CRDS).")
 
     tj = commands.add_parser("render-trainjob", help="Print the Kubeflow Trainer TrainJob the train step creates for these settings (train_nodes > 1).")
@@ -169,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         from .k8s_schema import SchemaError, validate
 
         try:
-            isvc = render_isvc(args.name, args.storage_uri, args.namespace, args.canary, args.model_name, values_files=tuple(args.values))
+            target = {k: v for k, v in (("engine", args.engine), ("kind", args.kind)) if v}
+            isvc = render_isvc(args.name, args.storage_uri, args.namespace, args.canary, args.model_name, values=target, values_files=tuple(args.values))
             if args.validate:
                 validate(isvc)
+        except SchemaError as exc:
+            parser.error(f"the rendered service does not validate: {exc}")
         except (ValueError, ChartError) as exc:
             parser.error(str(exc))
-        except SchemaError as exc:
-            parser.error(f"the InferenceService does not validate: {exc}")
         print(yaml.safe_dump(isvc, sort_keys=False), end="")
     elif args.command == "render-trainjob":
         import yaml

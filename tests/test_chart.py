@@ -61,7 +61,7 @@ def test_lint_strict_and_every_object_validates(values):
     lint = subprocess.run([tool("helm"), "lint", "--strict", str(CHART), "-f", str(values)], capture_output=True, text=True, timeout=60)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     docs = render("-f", str(values))
-    assert {"InferenceService"} <= {d["kind"] for d in docs}
+    assert len({"InferenceService", "LLMInferenceService"} & {d["kind"] for d in docs}) == 1
     for doc in docs:
         validate(doc)
 
@@ -73,24 +73,50 @@ def test_unknown_fields_are_rejected_by_the_crd_check():
         validate(isvc)
 
 
+def serving_pods(docs: list[dict]) -> list[dict]:
+    """Every pod spec the custom resources carry: the predictor and its Ray workers (InferenceService), or the
+    LLMInferenceService's template, prefill template and LeaderWorkerSet worker."""
+    pods = []
+    for isvc in by_kind(docs, "InferenceService"):
+        pods += [isvc["spec"]["predictor"]] + ([isvc["spec"]["predictor"]["workerSpec"]] if "workerSpec" in isvc["spec"]["predictor"] else [])
+    for llmisvc in by_kind(docs, "LLMInferenceService"):
+        spec = llmisvc["spec"]
+        pods += [spec["template"]] + [p for p in (spec.get("prefill", {}).get("template"), spec.get("worker")) if p]
+    return pods
+
+
 def predictor_containers(docs: list[dict]) -> list[dict]:
-    isvc = by_kind(docs, "InferenceService")[0]
-    containers = [isvc["spec"]["predictor"]["model"]]
+    """Every serving container: the InferenceService's model and worker containers and the ServingRuntime's (Ray
+    workers included), or the LLMInferenceService's pod containers."""
+    containers = []
+    for isvc in by_kind(docs, "InferenceService"):
+        containers += [isvc["spec"]["predictor"]["model"]] + isvc["spec"]["predictor"].get("workerSpec", {}).get("containers", [])
     for runtime in by_kind(docs, "ServingRuntime"):
-        containers += runtime["spec"]["containers"]
+        containers += runtime["spec"]["containers"] + runtime["spec"].get("workerSpec", {}).get("containers", [])
+    for pod in [p for d in by_kind(docs, "LLMInferenceService") for p in serving_pods([d])]:
+        containers += pod["containers"]
     return containers
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=[p.stem for p in CI_VALUES])
 def test_security_defaults_inside_the_custom_resources(values):
     docs = render("-f", str(values))
-    for container in predictor_containers(docs):
+    containers = predictor_containers(docs)
+    assert containers
+    for container in containers:
         sc = container["securityContext"]
         assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
         assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
-    predictor = by_kind(docs, "InferenceService")[0]["spec"]["predictor"]
-    assert predictor["automountServiceAccountToken"] is False
-    assert {m["mountPath"] for m in predictor["model"]["volumeMounts"]} >= {"/tmp"}
+        if "image" in container and "vllm" in container["image"]:  # vLLM and Ray write under HOME: it is the /tmp emptyDir
+            assert {"name": "HOME", "value": "/tmp"} in container["env"]
+    for pod in serving_pods(docs):
+        disaggregated = any("prefill" in d["spec"] for d in by_kind(docs, "LLMInferenceService"))
+        assert pod.get("automountServiceAccountToken") is (None if disaggregated else False)  # llm-d's routing sidecar uses its ServiceAccount
+        assert pod["securityContext"]["runAsNonRoot"] and {v["name"] for v in pod["volumes"]} >= {"tmp"}
+        for container in pod.get("containers", []):
+            assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp"}
+    for isvc in by_kind(docs, "InferenceService"):
+        assert {m["mountPath"] for m in isvc["spec"]["predictor"]["model"]["volumeMounts"]} >= {"/tmp"}
 
 
 @pytest.mark.parametrize(
@@ -107,7 +133,27 @@ def test_security_defaults_inside_the_custom_resources(values):
             "multiNode.enabled with autoscaling.mode=hpa: KServe does not autoscale multi-node",
         ),
         (["--set", "multiNode.enabled=true", "-f", str(CHART / "ci" / "keda-values.yaml")], "multiNode.enabled with autoscaling.mode=keda"),
-        (["--set", "multiNode.enabled=true"], "runs a model on one node"),
+        (["--set", "multiNode.enabled=true"], "runs a model on one GPU of one node (no tensor or pipeline parallelism); set engine=vllm"),
+        (["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "deploymentMode=Knative"], "multiNode.enabled needs deploymentMode=Standard"),
+        (
+            ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "model.storageUri=s3://models/llama"],
+            "needs model.storageUri=pvc://<claim>/<path> on a ReadWriteMany PVC",
+        ),
+        (["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "gpu.count=4"], "multiNode.tensorParallelSize (8) exceeds gpu.count (4)"),
+        (["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "gpu.count=0"], "multiNode.enabled needs GPUs"),
+        (["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "autoscaling.minReplicas=2"], "multiNode.enabled serves one replica"),
+        (["-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "autoscaling.mode=hpa"], "kind=LLMInferenceService scales with autoscaling.mode=keda"),
+        (
+            ["-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "deploymentMode=Knative", "--set", "autoscaling.mode=kpa"],
+            "kind=LLMInferenceService has no Knative mode",
+        ),
+        (["--set", "kind=LLMInferenceService"], "llmisvc.tls=true needs engine=vllm"),
+        (["-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "llmisvc.prefill.enabled=true"], "llmisvc.prefill.enabled needs engine=vllm"),
+        (
+            ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "kind=LLMInferenceService", "--set", "llmisvc.prefill.enabled=true"],
+            "not supported by this chart",
+        ),
+        (["--set", "engine=sglang"], "engine"),
         (["--set", "model.storageUri=ftp://x"], "storageUri"),
         (["--set", "autoscaling.mode=fast"], "mode"),
         (["--set", "gpu.count=-1"], "count"),
@@ -278,3 +324,105 @@ def test_hpa_scales_on_utilisation_with_a_scale_down_window():
     assert scaling["metrics"][0]["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
     assert scaling["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert (isvc["spec"]["predictor"]["minReplicas"], isvc["spec"]["predictor"]["maxReplicas"]) == (2, 6)
+
+
+def test_vllm_engine_runtime_serves_the_model_on_8080_with_health_probes():
+    docs = render("-f", str(CHART / "ci" / "vllm-values.yaml"))
+    isvc = by_kind(docs, "InferenceService")[0]
+    (runtime,) = by_kind(docs, "ServingRuntime")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "vllm" == runtime["spec"]["supportedModelFormats"][0]["name"]
+    assert model["runtime"] == runtime["metadata"]["name"] and "workerSpec" not in isvc["spec"]["predictor"]
+    (container,) = runtime["spec"]["containers"]
+    assert container["image"] == "vllm/vllm-openai:v0.11.0" and container["command"] == ["vllm", "serve"]
+    assert container["args"] == ["/mnt/models", "--host=0.0.0.0", "--port=8080"]
+    assert {"--served-model-name=qwen", "--max-model-len=4096", "--gpu-memory-utilization=0.85", "--enable-prefix-caching"} <= set(model["args"])
+    assert not any(a.startswith("--tensor-parallel-size") for a in model["args"])  # one GPU
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health" and container[probe]["httpGet"]["port"] == 8080
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert {"port": 8080, "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
+
+
+def test_vllm_multinode_head_and_ray_workers():
+    docs = render("-f", str(CHART / "ci" / "vllm-multinode-values.yaml"))
+    isvc = by_kind(docs, "InferenceService")[0]
+    predictor = isvc["spec"]["predictor"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "none"
+    assert (predictor["workerSpec"]["tensorParallelSize"], predictor["workerSpec"]["pipelineParallelSize"]) == (8, 2)
+    assert (
+        predictor["workerSpec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8" == predictor["model"]["resources"]["limits"]["nvidia.com/gpu"]
+    )
+    assert predictor["model"]["storageUri"].startswith("pvc://")
+    args = predictor["model"]["args"]
+    assert {"--served-model-name=llama-70b", "--tensor-parallel-size=8", "--pipeline-parallel-size=2", "--distributed-executor-backend=ray"} <= set(args)
+    assert not {e["name"] for e in predictor["model"].get("env", [])} & {"TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE"}  # KServe rejects them
+    (runtime,) = by_kind(docs, "ServingRuntime")
+    head = runtime["spec"]["containers"][0]
+    assert head["command"] == ["bash", "-c"] and "ray start --head" in head["args"][0] and "exec vllm serve /mnt/models" in head["args"][0]
+    assert '"$@"' in head["args"][0] and head["livenessProbe"]["httpGet"]["path"] == "/health"
+    worker_spec = runtime["spec"]["workerSpec"]
+    assert (worker_spec["tensorParallelSize"], worker_spec["pipelineParallelSize"]) == (8, 2)
+    (worker,) = worker_spec["containers"]
+    assert worker["name"] == "worker-container" == predictor["workerSpec"]["containers"][0]["name"]
+    assert "ray start --address" in worker["args"][0] and "--block" in worker["args"][0]
+    assert "ray health-check" in worker["livenessProbe"]["exec"]["command"][-1] and "startupProbe" in worker
+    # head and workers reach each other on every port (Ray, NCCL); Prometheus scrapes the head only
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert {"from": [{"podSelector": {"matchLabels": {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}}}]} in policy["spec"]["ingress"]
+    (monitor,) = by_kind(docs, "PodMonitor")
+    assert monitor["spec"]["selector"]["matchExpressions"] == [{"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["ray-worker"]}]
+    assert worker_spec["labels"] == {"app.kubernetes.io/component": "ray-worker"}
+
+
+LLMISVC_POD_LABELS = {"app.kubernetes.io/part-of": "llminferenceservice", "kserve.io/component": "workload"}
+
+
+def test_llminferenceservice_for_the_predictor_has_no_runtime_and_selects_its_workload_pods():
+    docs = render("-f", str(CHART / "ci" / "llmisvc-values.yaml"))
+    assert {"InferenceService", "ServingRuntime", "ScaledObject"}.isdisjoint(d["kind"] for d in docs)
+    (llmisvc,) = by_kind(docs, "LLMInferenceService")
+    assert llmisvc["apiVersion"] == "serving.kserve.io/v1alpha1"
+    name, spec = llmisvc["metadata"]["name"], llmisvc["spec"]
+    assert spec["model"] == {"uri": "pvc://models/demo", "name": "demo"} and spec["replicas"] == 2
+    assert "router" not in spec and "prefill" not in spec and "worker" not in spec
+    (main,) = spec["template"]["containers"]
+    assert main["name"] == "main" and main["command"] == ["python", "-m", "predictor"] and "--http_port=8000" in main["args"]
+    assert main["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    selector = {"app.kubernetes.io/name": name, **LLMISVC_POD_LABELS}
+    for kind in ("PodDisruptionBudget", "NetworkPolicy", "PodMonitor"):
+        (doc,) = by_kind(docs, kind)
+        matched = doc["spec"]["selector"]["matchLabels"] if kind != "NetworkPolicy" else doc["spec"]["podSelector"]["matchLabels"]
+        assert matched == selector, kind
+    (monitor,) = by_kind(docs, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http-engine" == main["ports"][0]["name"]
+    (test_pod,) = by_kind(docs, "Pod")
+    assert {"name": "BASE_URL", "value": f"http://{name}-kserve-workload-svc.default.svc.cluster.local:8000"} in test_pod["spec"]["containers"][0]["env"]
+
+
+def test_llminferenceservice_with_vllm_router_prefill_keda_and_multinode():
+    docs = render("-f", str(CHART / "ci" / "llmisvc-vllm-values.yaml"))
+    (llmisvc,) = by_kind(docs, "LLMInferenceService")
+    spec = llmisvc["spec"]
+    assert spec["router"] == {"gateway": {}, "route": {}, "scheduler": {}} and spec["prefill"]["replicas"] == 2
+    assert "replicas" not in spec and not by_kind(docs, "ScaledObject")  # KServe scales its own workload from spec.scaling
+    assert (spec["scaling"]["minReplicas"], spec["scaling"]["maxReplicas"]) == (1, 4)
+    assert "vllm:num_requests_waiting" in spec["scaling"]["keda"]["triggers"][0]["metadata"]["query"]
+    decode, prefill = spec["template"]["containers"][0], spec["prefill"]["template"]["containers"][0]
+    assert "--port=8001" in decode["args"] and "--port=8000" in prefill["args"]  # decode sits behind llm-d's routing sidecar
+    for container in (decode, prefill):
+        assert "--served-model-name=qwen-7b" in container["args"] and "--ssl-certfile=/etc/ssl/certs/tls.crt" in container["args"]
+        assert any(a.startswith("--kv-transfer-config=") and "NixlConnector" in a for a in container["args"])
+        assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    (monitor,) = by_kind(docs, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["scheme"] == "https"
+    (test_pod,) = by_kind(docs, "Pod")
+    assert {"name": "TLS_VERIFY", "value": "false"} in test_pod["spec"]["containers"][0]["env"]
+    # multi-node vLLM as an LLMInferenceService: a LeaderWorkerSet of a Ray head and workers
+    docs = render("-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "kind=LLMInferenceService")
+    spec = by_kind(docs, "LLMInferenceService")[0]["spec"]
+    assert spec["parallelism"] == {"tensor": 8, "pipeline": 2} and spec["replicas"] == 1
+    leader, worker = spec["template"]["containers"][0], spec["worker"]["containers"][0]
+    assert "ray start --head" in leader["args"][0] and "LWS_GROUP_SIZE" in leader["args"][0]
+    assert {"--tensor-parallel-size=8", "--pipeline-parallel-size=2", "--distributed-executor-backend=ray"} <= set(leader["args"])
+    assert "LWS_LEADER_ADDRESS" in worker["args"][0] and worker["resources"]["limits"]["nvidia.com/gpu"] == "8"

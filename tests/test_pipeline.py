@@ -198,6 +198,34 @@ def test_deploy_uses_exactly_the_verbs_the_rbac_role_grants(fake_kube):
     assert {r["resource"] for r in fake_kube.requests} == {"inferenceservices"}
 
 
+@pytest.mark.parametrize("engine", ["kserve-llm", "vllm"])
+def test_deploy_step_targets_an_llminferenceservice_of_either_engine(fake_kube, engine):
+    require_crds()
+    values = {"kind": "LLMInferenceService", "engine": engine, "llmisvc": {"tls": engine == "vllm"}}
+    llmisvc = render_isvc("llm", "pvc://models/llm/1", namespace="ml", values=values)
+    assert llmisvc["kind"] == "LLMInferenceService" and llmisvc["spec"]["model"]["uri"] == "pvc://models/llm/1"
+    first = deploy(llmisvc, cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+    assert first["action"] == "created"
+    assert {r["resource"] for r in fake_kube.requests} == {"llminferenceservices"}
+    good_spec = copy.deepcopy(fake_kube.objects[("llminferenceservices", "ml", "llm")]["spec"])
+    fake_kube.ready = "never"
+    broken = render_isvc("llm", "pvc://models/llm/broken", namespace="ml", values=values)
+    with pytest.raises(DeployError, match="LLMInferenceService ml/llm was not Ready.*rolled back"):
+        deploy(broken, cluster=fake_kube.cluster, poll_s=0.05, timeout_s=0.3, crds=CRDS, log=lambda *_: None)
+    assert fake_kube.objects[("llminferenceservices", "ml", "llm")]["spec"] == good_spec
+
+
+def test_render_isvc_cli_renders_each_engine_and_kind():
+    require_crds()
+    result = cli("render-isvc", "--name", "big", "--storage-uri", "pvc://w/m", "--engine", "vllm", "--kind", "LLMInferenceService", "--validate", timeout=60)
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    assert rendered["kind"] == "LLMInferenceService" and "vllm" in rendered["spec"]["template"]["containers"][0]["image"]
+    values = REPO / "helm" / "kserve-llm" / "ci" / "vllm-multinode-values.yaml"
+    result = cli("render-isvc", "--name", "big", "--storage-uri", "s3://m", "--values", str(values), timeout=60)
+    assert result.returncode == 2 and "ReadWriteMany PVC" in result.stderr
+
+
 def test_deploy_dry_run_validates_without_a_cluster_and_rejects_an_invalid_spec():
     require_crds()
     isvc = _isvc("s3://models/llm/1")

@@ -7,7 +7,8 @@ import sys
 import httpx
 
 base, model = os.environ["BASE_URL"], os.environ["MODEL_NAME"]
-with httpx.Client(base_url=base, timeout=120) as client:
+verify = os.environ.get("TLS_VERIFY", "true") != "false"  # false: a self-signed certificate (LLMInferenceService)
+with httpx.Client(base_url=base, timeout=120, verify=verify) as client:
     models = client.get("/v1/models").raise_for_status().json()
     assert model in [m["id"] for m in models["data"]], models
     completion = client.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 8}).raise_for_status().json()

@@ -21,9 +21,38 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
-{{/* The label KServe puts on the predictor pods of an InferenceService. */}}
+{{/* Labels KServe puts on the serving pods: an InferenceService's predictor pods (head and Ray workers), or an
+LLMInferenceService's workload pods (KServe's GetWorkloadLabelSelector; the router's scheduler pods are not selected). */}}
 {{- define "kserve-llm.selector" -}}
+{{- if eq .Values.kind "LLMInferenceService" -}}
+app.kubernetes.io/name: {{ include "kserve-llm.fullname" . }}
+app.kubernetes.io/part-of: llminferenceservice
+kserve.io/component: workload
+{{- else -}}
 serving.kserve.io/inferenceservice: {{ include "kserve-llm.fullname" . }}
+{{- end -}}
+{{- end -}}
+
+{{/* Every pod of this service (Ray/LWS workers, prefill pods and the router's scheduler included): peers that may
+reach each other on any port (Ray, NCCL, NIXL KV transfer). */}}
+{{- define "kserve-llm.peerSelector" -}}
+{{- if eq .Values.kind "LLMInferenceService" -}}
+app.kubernetes.io/name: {{ include "kserve-llm.fullname" . }}
+app.kubernetes.io/part-of: llminferenceservice
+{{- else -}}
+serving.kserve.io/inferenceservice: {{ include "kserve-llm.fullname" . }}
+{{- end -}}
+{{- end -}}
+
+{{/* The port the OpenAI API and /metrics are served on: 8080 in an InferenceService, 8000 (what KServe's workload
+Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
+{{- define "kserve-llm.port" -}}
+{{- if eq .Values.kind "LLMInferenceService" -}}8000{{- else -}}8080{{- end -}}
+{{- end -}}
+
+{{/* http, or https when an LLMInferenceService serves with KServe's self-signed certificate (llmisvc.tls). */}}
+{{- define "kserve-llm.scheme" -}}
+{{- if and (eq .Values.kind "LLMInferenceService") .Values.llmisvc.tls -}}https{{- else -}}http{{- end -}}
 {{- end -}}
 
 {{- define "kserve-llm.runtimeName" -}}
@@ -51,14 +80,53 @@ serving.kserve.io/inferenceservice: {{ include "kserve-llm.fullname" . }}
 {{- if and (not (kindIs "invalid" .Values.canaryTrafficPercent)) (ne .Values.deploymentMode "Knative") -}}
 {{- fail "canaryTrafficPercent needs deploymentMode=Knative" -}}
 {{- end -}}
-{{- if .Values.multiNode.enabled -}}
+{{- $llmisvc := eq .Values.kind "LLMInferenceService" -}}
+{{- $mn := .Values.multiNode -}}
+{{- if $mn.enabled -}}
 {{- if ne $a.mode "none" -}}
 {{- fail (printf "multiNode.enabled with autoscaling.mode=%s: KServe does not autoscale multi-node InferenceServices (set autoscaling.mode=none)" $a.mode) -}}
 {{- end -}}
-{{- fail "multiNode.enabled: this predictor runs a model on one node (no tensor or pipeline parallelism across nodes); use several GPUs on one node (gpu.count) instead" -}}
+{{- if ne .Values.engine "vllm" -}}
+{{- fail "multiNode.enabled: this predictor runs a model on one GPU of one node (no tensor or pipeline parallelism); set engine=vllm for multi-node serving (and for tensor parallelism over the GPUs of a pod)" -}}
 {{- end -}}
+{{- if and (not $llmisvc) (ne .Values.deploymentMode "Standard") -}}
+{{- fail (printf "multiNode.enabled needs deploymentMode=Standard: KServe runs multi-node InferenceServices (workerSpec) as Deployments only, not in %s mode" .Values.deploymentMode) -}}
+{{- end -}}
+{{- if not (hasPrefix "pvc://" .Values.model.storageUri) -}}
+{{- fail (printf "multiNode.enabled needs model.storageUri=pvc://<claim>/<path> on a ReadWriteMany PVC: the head and every worker pod mount the same weights (got %s)" .Values.model.storageUri) -}}
+{{- end -}}
+{{- if eq (int .Values.gpu.count) 0 -}}
+{{- fail "multiNode.enabled needs GPUs: set gpu.count (GPUs per pod) to at least multiNode.tensorParallelSize" -}}
+{{- end -}}
+{{- if gt (int $mn.tensorParallelSize) (int .Values.gpu.count) -}}
+{{- fail (printf "multiNode.tensorParallelSize (%v) exceeds gpu.count (%v), the GPUs per pod: a tensor-parallel group must fit in one pod; span pods with multiNode.pipelineParallelSize" $mn.tensorParallelSize .Values.gpu.count) -}}
+{{- end -}}
+{{- if gt (int $a.minReplicas) 1 -}}
+{{- fail (printf "multiNode.enabled serves one replica (one Ray head and its workers): set autoscaling.minReplicas=1 (got %v)" $a.minReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- if $llmisvc -}}
+{{- if ne .Values.deploymentMode "Standard" -}}
+{{- fail "kind=LLMInferenceService has no Knative mode: KServe runs it as Deployments (LeaderWorkerSets when multi-node); set deploymentMode=Standard" -}}
+{{- end -}}
+{{- if has $a.mode (list "hpa" "kpa") -}}
+{{- fail (printf "kind=LLMInferenceService scales with autoscaling.mode=keda (rendered as its spec.scaling.keda) or none; autoscaling.mode=%s is not supported" $a.mode) -}}
+{{- end -}}
+{{- if and .Values.llmisvc.tls (ne .Values.engine "vllm") -}}
+{{- fail "llmisvc.tls=true needs engine=vllm: this predictor serves plain HTTP; set llmisvc.tls=false" -}}
+{{- end -}}
+{{- if .Values.llmisvc.prefill.enabled -}}
+{{- if ne .Values.engine "vllm" -}}
+{{- fail "llmisvc.prefill.enabled needs engine=vllm: prefill/decode disaggregation moves the KV cache between pods (vLLM's NIXL connector), which this predictor does not implement" -}}
+{{- end -}}
+{{- if $mn.enabled -}}
+{{- fail "llmisvc.prefill.enabled with multiNode.enabled is not supported by this chart: disaggregate single-node prefill and decode pods, or serve one multi-node pool" -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
 {{- if and (not .Values.servingRuntime.create) (not .Values.servingRuntime.clusterServingRuntime) -}}
 {{- fail "set servingRuntime.create=true or name a servingRuntime.clusterServingRuntime" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -106,4 +174,300 @@ seccompProfile:
 {{- $_ := set $r "limits" $lim -}}
 {{- end -}}
 {{- toYaml $r -}}
+{{- end -}}
+
+
+{{/* vLLM engine arguments (after the model path and port): the same settings as the predictor's, plus the
+parallelism. Multi-node: tensor parallel inside a pod, pipeline parallel across pods, Ray as the executor. */}}
+{{- define "kserve-llm.vllmArgs" -}}
+- --served-model-name={{ .Values.model.name }}
+- --dtype={{ .Values.model.dtype }}
+- --max-num-seqs={{ .Values.model.maxNumSeqs }}
+- --gpu-memory-utilization={{ .Values.vllm.gpuMemoryUtilization }}
+{{- if .Values.model.maxModelLen }}
+- --max-model-len={{ .Values.model.maxModelLen }}
+{{- end }}
+{{- if .Values.multiNode.enabled }}
+- --tensor-parallel-size={{ .Values.multiNode.tensorParallelSize }}
+- --pipeline-parallel-size={{ .Values.multiNode.pipelineParallelSize }}
+- --distributed-executor-backend=ray
+{{- else if gt (int .Values.gpu.count) 1 }}
+- --tensor-parallel-size={{ .Values.gpu.count }}
+{{- end }}
+{{- with .Values.vllm.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* vLLM's image. */}}
+{{- define "kserve-llm.vllmImage" -}}
+{{ .Values.vllm.image.repository }}:{{ .Values.vllm.image.tag }}
+{{- end -}}
+
+{{/* The serving container's image: this predictor's or vLLM's. */}}
+{{- define "kserve-llm.image" -}}
+{{- if eq .Values.engine "vllm" -}}
+{{ include "kserve-llm.vllmImage" . }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{/* vLLM and Ray write caches and config under HOME: keep everything in the /tmp emptyDir, so the root filesystem
+stays read-only. */}}
+{{- define "kserve-llm.vllmEnv" -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: XDG_CONFIG_HOME
+  value: /tmp/.config
+- name: HF_HOME
+  value: /tmp/hf
+- name: VLLM_NO_USAGE_STATS
+  value: "1"
+- name: DO_NOT_TRACK
+  value: "1"
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end -}}
+
+{{/* Startup, readiness and liveness probes of the serving container. dict: root, port, scheme. vLLM answers /health;
+this predictor /v2/health/ready and /v2/health/live. */}}
+{{- define "kserve-llm.probes" -}}
+{{- $v := .root.Values -}}
+{{- $vllm := eq $v.engine "vllm" -}}
+{{- $ready := ternary "/health" "/v2/health/ready" $vllm -}}
+{{- $live := ternary "/health" "/v2/health/live" $vllm -}}
+{{- $scheme := ternary ", scheme: HTTPS" "" (eq .scheme "https") -}}
+startupProbe:
+  httpGet: {path: {{ $ready }}, port: {{ .port }}{{ $scheme }}}
+  periodSeconds: {{ $v.probes.periodSeconds }}
+  failureThreshold: {{ $v.probes.startupFailureThreshold }}
+readinessProbe:
+  httpGet: {path: {{ $ready }}, port: {{ .port }}{{ $scheme }}}
+  periodSeconds: {{ $v.probes.periodSeconds }}
+  failureThreshold: 2
+livenessProbe:
+  httpGet: {path: {{ $live }}, port: {{ .port }}{{ $scheme }}}
+  periodSeconds: 10
+  failureThreshold: 6
+{{- end -}}
+
+{{/* Ray head, then vLLM: starts the head, waits until every node has joined, then runs `vllm serve` with the
+arguments after the script ("$@"). dict: port (vLLM's), nodes (a shell expression for the node count). */}}
+{{- define "kserve-llm.rayHeadScript" -}}
+ray start --head --port=6379 --node-ip-address="${POD_IP}" --disable-usage-stats --include-dashboard=false || exit 1
+nodes={{ .nodes }}
+until [ "$(ray status --address="${POD_IP}:6379" 2>/dev/null | grep -c node_)" -ge "${nodes}" ]; do
+  echo "waiting for ${nodes} Ray nodes"
+  sleep 2
+done
+exec vllm serve /mnt/models --host=0.0.0.0 --port={{ .port }} "$@"
+{{- end -}}
+
+{{/* Ray worker: waits for the head's GCS, then joins it and blocks. dict: head (a shell expression host:port). */}}
+{{- define "kserve-llm.rayWorkerScript" -}}
+head={{ .head }}
+until ray health-check --address="${head}" >/dev/null 2>&1; do
+  echo "waiting for the Ray head at ${head}"
+  sleep 5
+done
+exec ray start --address="${head}" --node-ip-address="${POD_IP}" --disable-usage-stats --block
+{{- end -}}
+
+{{/* Probes of a Ray worker container: its head's GCS answers (a worker whose head restarted must restart and
+rejoin). dict: root, head. */}}
+{{- define "kserve-llm.rayWorkerProbes" -}}
+startupProbe:
+  exec:
+    command: [bash, -c, {{ printf "ray health-check --address=%s" .head | quote }}]
+  periodSeconds: {{ .root.Values.probes.periodSeconds }}
+  failureThreshold: {{ .root.Values.probes.startupFailureThreshold }}
+livenessProbe:
+  exec:
+    command: [bash, -c, {{ printf "ray health-check --address=%s" .head | quote }}]
+  periodSeconds: 10
+  timeoutSeconds: 10
+  failureThreshold: 6
+{{- end -}}
+
+{{/* Tolerations: the configured ones plus the GPU taint's when GPUs are requested. */}}
+{{- define "kserve-llm.tolerations" -}}
+{{- $tolerations := .Values.tolerations -}}
+{{- if and (gt (int .Values.gpu.count) 0) .Values.gpu.tolerateTaint -}}
+{{- $tolerations = append $tolerations (dict "key" .Values.gpu.resourceName "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- with $tolerations -}}
+{{ toYaml . }}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level settings shared by every serving pod (predictor, Ray worker, LLMInferenceService template, prefill,
+worker): the pod security context, scheduling and the /tmp and /dev/shm volumes. */}}
+{{- define "kserve-llm.podSpec" -}}
+terminationGracePeriodSeconds: {{ add (int .Values.shutdownGracePeriod) 15 }}
+{{- if not (and (eq .Values.kind "LLMInferenceService") .Values.llmisvc.prefill.enabled) }}
+{{- /* Disaggregated decode pods run llm-d's routing sidecar under the ServiceAccount KServe binds for it. */}}
+automountServiceAccountToken: false
+{{- end }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (include "kserve-llm.tolerations" .) }}
+tolerations:
+  {{- . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+topologySpreadConstraints:
+  {{- if .Values.topologySpreadConstraints }}
+  {{- toYaml .Values.topologySpreadConstraints | nindent 2 }}
+  {{- else }}
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "kserve-llm.selector" . | nindent 8 }}
+  {{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+volumes:
+  - name: tmp
+    emptyDir: {}
+  {{- if .Values.shm.enabled }}
+  - name: dshm
+    emptyDir:
+      medium: Memory
+      sizeLimit: {{ .Values.shm.sizeLimit }}
+  {{- end }}
+{{- end -}}
+
+{{/* Mounts of the /tmp and /dev/shm volumes. */}}
+{{- define "kserve-llm.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.shm.enabled }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+{{- end -}}
+
+{{/* The KEDA Prometheus trigger: the engine's queue length for this model (both engines export
+vllm:num_requests_waiting with a model_name label). */}}
+{{- define "kserve-llm.kedaTriggerMetadata" -}}
+{{- $k := .Values.autoscaling.keda -}}
+serverAddress: {{ $k.serverAddress | quote }}
+query: {{ $k.query | default (printf "sum(vllm:num_requests_waiting{model_name=%q})" .Values.model.name) | quote }}
+threshold: {{ $k.threshold | quote }}
+{{- end -}}
+
+{{/* A container of an LLMInferenceService pod. dict: root, role (main, prefill, leader or worker), port. KServe
+merges it over its LLMInferenceServiceConfig presets by name (main), so command and args are always set here. */}}
+{{- define "kserve-llm.llmisvcContainer" -}}
+{{- $v := .root.Values -}}
+{{- $vllm := eq $v.engine "vllm" -}}
+{{- $tls := and $vllm $v.llmisvc.tls -}}
+- name: main
+  image: {{ include "kserve-llm.image" .root | quote }}
+  imagePullPolicy: {{ ternary $v.vllm.image.pullPolicy $v.image.pullPolicy $vllm }}
+  {{- if eq .role "worker" }}
+  command: [bash, -c]
+  args:
+    - {{ include "kserve-llm.rayWorkerScript" (dict "head" "\"${LWS_LEADER_ADDRESS}:6379\"") | quote }}
+  {{- else if not $vllm }}
+  command: [python, -m, predictor]
+  args:
+    - --http_port={{ .port }}
+    - --grpc_port=8081
+    {{- include "kserve-llm.args" .root | nindent 4 }}
+  {{- else }}
+  {{- if eq .role "leader" }}
+  command: [bash, -c]
+  args:
+    - {{ include "kserve-llm.rayHeadScript" (dict "port" .port "nodes" "\"${LWS_GROUP_SIZE:-1}\"") | quote }}
+    - vllm-ray-head
+  {{- else }}
+  command: [vllm, serve]
+  args:
+    - /mnt/models
+    - --host=0.0.0.0
+    - --port={{ .port }}
+  {{- end }}
+    {{- if $tls }}
+    - --ssl-certfile=/etc/ssl/certs/tls.crt
+    - --ssl-keyfile=/etc/ssl/certs/tls.key
+    - --enable-ssl-refresh
+    {{- end }}
+    {{- if $v.llmisvc.prefill.enabled }}
+    - '--kv-transfer-config={"kv_connector":"NixlConnector","kv_role":"kv_both"}'
+    {{- end }}
+    {{- include "kserve-llm.vllmArgs" .root | nindent 4 }}
+  {{- end }}
+  {{- if or $vllm $v.model.env }}
+  env:
+    {{- if $vllm }}
+    {{- include "kserve-llm.vllmEnv" .root | nindent 4 }}
+    {{- if $v.llmisvc.prefill.enabled }}
+    - name: VLLM_NIXL_SIDE_CHANNEL_HOST
+      value: $(POD_IP)
+    {{- end }}
+    {{- end }}
+    {{- with $v.model.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+  {{- with $v.model.secretName }}
+  envFrom:
+    - secretRef:
+        name: {{ . }}
+  {{- end }}
+  {{- if ne .role "worker" }}
+  ports:
+    - name: http-engine
+      containerPort: {{ .port }}
+      protocol: TCP
+  {{- end }}
+  resources:
+    {{- include "kserve-llm.resources" .root | nindent 4 }}
+  securityContext:
+    {{- include "kserve-llm.containerSecurityContext" .root | nindent 4 }}
+  {{- if eq .role "worker" }}
+  {{- include "kserve-llm.rayWorkerProbes" (dict "root" .root "head" "\"${LWS_LEADER_ADDRESS}:6379\"") | nindent 2 }}
+  {{- else }}
+  {{- include "kserve-llm.probes" (dict "root" .root "port" .port "scheme" (include "kserve-llm.scheme" .root)) | nindent 2 }}
+  {{- end }}
+  volumeMounts:
+    {{- include "kserve-llm.volumeMounts" .root | nindent 4 }}
+{{- end -}}
+
+{{/* A pod of an LLMInferenceService (template, prefill.template or worker). dict: root, role, port. */}}
+{{- define "kserve-llm.llmisvcPod" -}}
+{{- include "kserve-llm.podSpec" .root }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+containers:
+  {{- include "kserve-llm.llmisvcContainer" . | nindent 2 }}
 {{- end -}}
