@@ -11,7 +11,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
+
 from .engine import Engine, Sequence
+from .engine.structured import GrammarCompiler
 from .loading import LoadedModel
 from .sampling import GenerationRequest, InvalidRequest, SamplingParams, StepOutput, TokenLogprob
 
@@ -52,6 +55,7 @@ class Generation:
     def __init__(self, loaded: LoadedModel, engine: Engine):
         self.loaded = loaded
         self.engine = engine
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.vocab_size, loaded.eos_token_id)
 
     def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Token ids of a text prompt, or a token-id prompt checked against the vocabulary."""
@@ -66,11 +70,19 @@ class Generation:
             raise InvalidRequest("the prompt is empty", param=param)
         return ids
 
-    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Render the chat template (the model's, or the documented fallback) and tokenize it."""
-        text = self.loaded.tokenizer.apply_chat_template(
-            messages, chat_template=self.loaded.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """Render the chat template (the model's, or the documented fallback) and tokenize it.
+
+        ``tools`` go to the template as ``tools=`` (only for templates that use them; see
+        ``protocols/tool_calls.py``). A template that refuses the conversation (``raise_exception``) is a 400.
+        """
+        extra = {"tools": tools} if tools else {}
+        try:
+            text = self.loaded.tokenizer.apply_chat_template(
+                messages, chat_template=self.loaded.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
+            )
+        except TemplateError as exc:
+            raise InvalidRequest(f"the model's chat template refused these messages: {exc}", param="messages") from None
         return self.encode(text, param="messages")
 
     def max_tokens(self, prompt_ids: list[int], requested: int | None, default: int | None = DEFAULT_MAX_TOKENS) -> int:
@@ -108,9 +120,19 @@ class Generation:
             f"server's whole KV cache holds {cache} (--kv_cache_memory); shorten the request or ask the operator for a larger cache"
         )
 
-    def request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False) -> GenerationRequest:
+    @property
+    def lora_adapters(self) -> dict:
+        """The LoRA adapters served beside the base model (``--lora_modules``), by name."""
+        return self.engine.lora.adapters if self.engine.lora is not None else {}
+
+    def request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False, lora: str | None = None) -> GenerationRequest:
         params.validate(self.loaded.vocab_size)
-        return GenerationRequest(uuid.uuid4().hex, prompt_ids, params, prompt_logprobs)
+        if lora is not None and lora not in self.lora_adapters:
+            raise InvalidRequest(f"the LoRA adapter '{lora}' does not exist", param="model", status=404, code="model_not_found")
+        grammar = None
+        if params.structured is not None:  # compiled here, so a bad schema is a 400 before anything is queued
+            grammar = self.grammars.compile(params.structured, params.structured.param)
+        return GenerationRequest(uuid.uuid4().hex, prompt_ids, params, prompt_logprobs, grammar, lora)
 
     def submit_all(self, requests: list[GenerationRequest]) -> list[Sequence]:
         """Queue every request or none: if one is refused (queue full, shutting down), the rest are cancelled."""

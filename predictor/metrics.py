@@ -25,6 +25,8 @@ PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in th
 PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens processed.", ["model_name"])
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens generated.", ["model_name"])
 SUCCESS = Counter("vllm:request_success", "Requests finished, by finish reason.", ["model_name", "finished_reason"])
+# vLLM's LoRA gauge: one series, the current time, labelled with the adapters running and waiting (comma-separated).
+LORA_INFO = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests.", ["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
 REJECTED = Counter("kserve_llm:requests_rejected", "Requests refused with 429 because the waiting queue was full.", ["model_name"])
 
 
@@ -47,6 +49,17 @@ class EngineMetrics:
         self.prefix_cache_hits = PREFIX_CACHE_HITS.labels(**label)
         self.generation_tokens = GENERATION_TOKENS.labels(**label)
         self.rejected = REJECTED.labels(**label)
+        self._lora_labels: tuple[str, str, str] | None = None
+
+    def lora_info(self, max_loras: int, running: set[str], waiting: set[str]) -> None:
+        """Update ``vllm:lora_requests_info`` when the adapters in use change (the previous series is removed)."""
+        labels = (str(max_loras), ",".join(sorted(waiting)), ",".join(sorted(running)))
+        if labels == self._lora_labels:
+            return
+        if self._lora_labels is not None:
+            LORA_INFO.remove(*self._lora_labels)
+        LORA_INFO.labels(*labels).set_to_current_time()
+        self._lora_labels = labels
 
     def success(self, finished_reason: str) -> None:
         SUCCESS.labels(model_name=self.model_name, finished_reason=finished_reason).inc()

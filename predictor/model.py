@@ -17,9 +17,12 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from .engine import Engine, EngineConfig, EngineStopped, QueueFull, RequestTimeout
+from .engine.lora import LoRAManager
+from .engine.runner import lora_unsupported
 from .generation import Generation
-from .loading import load_model
+from .loading import ModelLoadError, load_model
 from .metrics import EngineMetrics
+from .onnx_model import OnnxModel
 from .protocols import v1, v2
 from .sampling import GenerationRequest, InvalidRequest, SamplingParams
 
@@ -40,6 +43,9 @@ class LLMModel(kserve.Model):
         allow_pickle_weights: bool = False,
         generation_config: bool = True,
         engine_config: EngineConfig | None = None,
+        lora_modules: list[tuple[str, Path]] | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ):
         super().__init__(name)
         self.model_dir = Path(model_dir)
@@ -52,6 +58,7 @@ class LLMModel(kserve.Model):
             allow_pickle=allow_pickle_weights,
             generation_config=generation_config,
         )
+        self.lora_modules, self.max_loras, self.max_lora_rank = lora_modules or [], max_loras, max_lora_rank
         self.generation: Generation | None = None
         self._engine: Engine | None = None  # not kserve's ``engine`` flag: ours is started by load()
 
@@ -61,11 +68,20 @@ class LLMModel(kserve.Model):
         logger.info("loaded %s (%s, %s, max_model_len=%d)", self.model_dir, loaded.device, loaded.dtype, loaded.max_model_len)
         if loaded.sampling_defaults:
             logger.info("sampling defaults from generation_config.json (requests may override): %s", loaded.sampling_defaults)
-        engine = Engine(loaded, self.engine_config, EngineMetrics(self.name))
+        lora = None
+        if self.lora_modules:  # checked against the base model before anything starts: a bad adapter is a start-up error
+            if isinstance(loaded.model, OnnxModel):
+                raise ModelLoadError(lora_unsupported("an ONNX model, served by the ONNX runner"))
+            lora = LoRAManager.load(self.lora_modules, loaded.model, self.max_loras, self.max_lora_rank)
+            logger.info("LoRA adapters: %s", ", ".join(f"{a.name} (rank {a.rank}, {len(a.weights)} projections, {a.path})" for a in lora.adapters.values()))
+        engine = Engine(loaded, self.engine_config, EngineMetrics(self.name), lora)
         engine.start()
         logger.info("model runner: %s", engine.runner.path)
         logger.info("prefix caching: %s", "on" if engine.scheduler.prefix_caching else "off")
         self.generation = Generation(loaded, engine)
+        problem = self.generation.grammars.prepare()
+        if problem:
+            logger.warning("structured outputs and constrained tool calls are refused (400): %s", problem)
         self._warm_up(engine, loaded.eos_token_id or 0)
         self._engine = engine
         self.ready = True

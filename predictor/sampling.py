@@ -8,6 +8,7 @@ never sees HTTP. Ranges follow the OpenAI API, with vLLM's extensions (``top_k``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -22,6 +23,17 @@ class InvalidRequest(ValueError):
         self.param = param
         self.status = status
         self.code = code
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the output: ``kind`` is ``json_schema`` (``source`` the schema as compact JSON),
+    ``regex``, ``choice`` (a JSON list of strings) or ``grammar`` (Lark or GBNF). Hashable: the
+    compiled-grammar cache's key. ``param`` names the request field it came from, for error messages."""
+
+    kind: str
+    source: str
+    param: str = field(default="response_format", compare=False)
 
 
 @dataclass
@@ -42,6 +54,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: GrammarSpec | None = None  # constrained decoding (engine/structured.py)
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +78,7 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
             (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", f"token ids must be in [0, {vocab_size})"),
             (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias", "biases must be between -100 and 100"),
+            (not (self.structured and self.ignore_eos), "ignore_eos", "cannot be combined with structured outputs (the grammar decides the end)"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -79,6 +93,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     prompt_logprobs: bool = False
+    grammar: Any = None  # the compiled params.structured (engine.structured.Grammar), set by Generation.request
+    lora: str | None = None  # a LoRA adapter's name (--lora_modules); None: the base model
 
 
 @dataclass

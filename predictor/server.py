@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "come from the model's generation_config.json where it sets them; none: OpenAI's defaults always.",
     )
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="Largest accepted HTTP request body; larger ones get 413.")
+    parser.add_argument(
+        "--tool_call_parser",
+        default="auto",
+        choices=["auto", "hermes", "llama3_json"],
+        help="How chat answers with tool_choice auto become tool_calls: hermes (<tool_call>{...}</tool_call>), "
+        'llama3_json ({"name": ..., "parameters": ...}); auto: from the chat template\'s text.',
+    )
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max_num_seqs", type=_positive, default=16, help="Running batch limit (sequences decoded together).")
     engine.add_argument(
@@ -92,7 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--shutdown_grace_period", type=float, default=30.0, help="Seconds after SIGTERM for accepted requests to finish before the server exits."
     )
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument(
+        "--lora_modules",
+        nargs="+",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=DIR",
+        help="LoRA adapters served beside the base model: a request's model field picks one by NAME. DIR is a local peft "
+        "adapter directory (adapter_config.json, adapter_model.safetensors).",
+    )
+    lora.add_argument(
+        "--max_loras", type=_positive, default=4, help="Adapters resident at once; more are loaded on demand, the least recently used idle one evicted."
+    )
+    lora.add_argument("--max_lora_rank", type=_positive, default=16, help="Highest adapter rank accepted; a higher one is refused at start-up.")
     return parser
+
+
+def _lora_module(value: str) -> tuple[str, Path]:
+    from .engine.lora import parse_lora_module
+
+    try:
+        return parse_lora_module(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(value: str) -> int:
@@ -188,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: the engine owns the model in one process; scale with replicas instead")
+    lora_names = [name for name, _ in args.lora_modules]
+    if args.model_name in lora_names:
+        parser.error(f"--lora_modules: the adapter name '{args.model_name}' is the served model's name (--model_name); choose another")
+    if len(set(lora_names)) != len(lora_names):
+        parser.error(f"--lora_modules: adapter names must be unique, got {' '.join(lora_names)}")
     if args.configure_logging:  # before loading, so that start-up messages (which runner, the KV cache) are logged
         from kserve.logging import configure_logging
 
@@ -207,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         trust_remote_code=args.trust_remote_code,
         allow_pickle_weights=args.allow_pickle_weights,
         generation_config=args.generation_config == "auto",
+        lora_modules=args.lora_modules,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
         engine_config=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_queue=args.max_queue,
@@ -221,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     except ModelLoadError as exc:
         parser.error(str(exc))
     install_error_handlers(app, args.max_body_bytes)
-    openai.register(app, openai.OpenAIRoutes(args.model_name, model.generation))
+    openai_routes = openai.OpenAIRoutes(args.model_name, model.generation, tool_call_parser=args.tool_call_parser)
+    logger.info("tool call parser: %s (--tool_call_parser %s)", openai_routes.tool_call_parser, args.tool_call_parser)
+    openai.register(app, openai_routes)
     generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
     tokenize.register(app, tokenize.TokenizeRoutes(args.model_name, model.generation))
     # KServe logs "OpenAI endpoints not registered" about its own vLLM-based routes; these are ours.

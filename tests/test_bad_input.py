@@ -35,7 +35,7 @@ CASES = [
     ("/openai/v1/chat/completions", {"model": M, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, 400, "response_format"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": LONG}]}, 400, "maximum context length"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     (f"/v1/models/{M}:predict", b"{not json", 400, ""),

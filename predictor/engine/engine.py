@@ -27,9 +27,11 @@ from ..metrics import EngineMetrics
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
 from .detokenizer import Detokenizer
 from .kv_cache import BlockAllocator
+from .lora import LoRAManager
 from .runner import Chunk, KVPlan, ModelRunner, PagedRunner, make_runner
 from .sampler import sample, token_logprob
 from .scheduler import Scheduler
+from .structured import Matcher, token_masks
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Sequence:
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    matcher: Matcher | None = None  # its grammar state (structured outputs); lives as long as output_ids
+    lora_slot: int = 0  # the LoRA slot of its adapter while running (0: the base model)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -111,7 +115,7 @@ class Sequence:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
-def _deliver(items: list[tuple[Sequence, StepOutput]]) -> None:
+def _deliver(items: list[tuple[Sequence, StepOutput | BaseException]]) -> None:
     for seq, item in items:
         seq.outputs.put_nowait(item)
 
@@ -119,10 +123,11 @@ def _deliver(items: list[tuple[Sequence, StepOutput]]) -> None:
 class Engine:
     """Owns the model thread. ``submit`` (or ``generate``) is the only way in."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: EngineMetrics | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: EngineMetrics | None = None, lora: LoRAManager | None = None):
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.metrics = metrics
+        self.lora = lora  # multi-LoRA serving (--lora_modules): adapters, slots
         self.runner: ModelRunner | None = None  # built in the engine thread, see start()
         self.scheduler: Scheduler | None = None  # built with the runner: it needs the pool's size
         self._ids = itertools.count()
@@ -147,9 +152,10 @@ class Engine:
         def run() -> None:
             try:
                 plan = KVPlan(self.config.kv_cache_memory, self.config.max_num_seqs * self.loaded.max_model_len)
-                self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device)
+                self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device, self.lora)
                 prefix_caching = self.config.enable_prefix_caching and isinstance(self.runner, PagedRunner)
-                self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks), self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching)
+                allocator = BlockAllocator(self.runner.num_blocks)
+                self.scheduler = Scheduler(allocator, self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching, self.lora)
             except BaseException as exc:
                 failure.append(exc)
                 return
@@ -284,6 +290,8 @@ class Engine:
             seq.generator = torch.Generator(device=self.loaded.device)
             seq.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
             seq.detok = Detokenizer(self.loaded.tokenizer, seq.request.prompt_ids, params.stop)
+            if seq.request.grammar is not None:
+                seq.matcher = seq.request.grammar.matcher()
             if self.metrics:
                 self.metrics.queue_time.observe(now - seq.arrival)
                 self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
@@ -294,7 +302,7 @@ class Engine:
         for seq in admitted:
             # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
             tokens = seq.tokens_to_prefill
-            chunks.append(Chunk(seq.seq_id, tokens[seq.cached :], seq.cached, seq.blocks, seq.needs_prompt_logits))
+            chunks.append(Chunk(seq.seq_id, tokens[seq.cached :], seq.cached, seq.blocks, seq.needs_prompt_logits, seq.lora_slot))
             seq.length = len(tokens)
         logits = self.runner.prefill(chunks)
         for seq in admitted:
@@ -316,12 +324,14 @@ class Engine:
         batch = list(self.running)
         if not batch:
             return
-        logits = self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks) for s in batch])
+        logits = self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks, lora_slot=s.lora_slot) for s in batch])
         for seq in batch:
             seq.length += 1
         self._sample_and_emit(batch, logits)
 
     def _sample_and_emit(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        constrained = [row for row, s in enumerate(batch) if s.matcher is not None]
+        allowed = token_masks([batch[row].matcher for row in constrained], self.loaded.vocab_size, logits.shape[-1]).to(logits.device) if constrained else None
         tokens, logprobs = sample(
             logits,
             [s.request.params for s in batch],
@@ -329,11 +339,16 @@ class Engine:
             [s.request.prompt_ids for s in batch],
             [s.output_ids for s in batch],
             self.loaded.eos_token_id,
+            (constrained, allowed) if constrained else None,
         )
         now = time.monotonic()
         finished = []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, StepOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, StepOutput | BaseException]]] = {}
         for seq, token, logprob in zip(batch, tokens, logprobs):
+            if seq.matcher is not None and not seq.matcher.advance(token):  # cannot happen with the mask; fail this one only
+                by_loop.setdefault(seq.loop, []).append((seq, EngineError(f"token {token} broke the output's grammar: {seq.matcher.error}")))
+                finished.append(seq)
+                continue
             out = self._advance(seq, token, logprob, now)
             by_loop.setdefault(seq.loop, []).append((seq, out))
             if out.finish_reason is not None:
@@ -362,6 +377,8 @@ class Engine:
             text = seq.detok.add(token)
             if seq.detok.stopped:
                 finish = "stop"
+            elif seq.matcher is not None and seq.matcher.finished:  # the grammar is complete: nothing may follow
+                text, finish = text + seq.detok.flush(), "stop"
             elif len(seq.output_ids) >= params.max_tokens or seq.length + 1 >= self.loaded.max_model_len:
                 text, finish = text + seq.detok.flush(), "length"
         out = StepOutput(
@@ -390,6 +407,10 @@ class Engine:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.waiting))
             self.metrics.kv_cache_usage.set(self.scheduler.usage)
+            if self.lora is not None:
+                with self._cond:
+                    waiting = {s.request.lora for s in self.waiting} - {None}
+                self.metrics.lora_info(self.lora.max_loras, {s.request.lora for s in self.running} - {None}, waiting)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top_n: int) -> list[TokenLogprob | None]:

@@ -68,9 +68,11 @@ def plan_blocks(budget_bytes: int, per_token: int, max_tokens: int, block_size: 
     return max(0, min(by_memory, needed))
 
 
-def block_hashes(tokens: list[int], block_size: int = BLOCK_SIZE) -> list[bytes]:
-    """One digest per full block of ``tokens``, each covering the block's ids and every block before it."""
-    digests, previous = [], b""
+def block_hashes(tokens: list[int], block_size: int = BLOCK_SIZE, seed: bytes = b"") -> list[bytes]:
+    """One digest per full block of ``tokens``, each covering the block's ids and every block before it.
+
+    ``seed`` starts the chain: what else the keys and values depend on (the LoRA adapter, ``lora.hash_seed``)."""
+    digests, previous = [], seed
     for i in range(len(tokens) // block_size):
         block = tokens[i * block_size : (i + 1) * block_size]
         previous = hashlib.blake2b(previous + array("q", block).tobytes(), digest_size=16).digest()

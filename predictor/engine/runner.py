@@ -31,6 +31,7 @@ from ..onnx_model import OnnxModel
 from . import kv_cache
 from .attention import ATTN_IMPLEMENTATION, StepBatch
 from .kv_cache import BLOCK_SIZE, LayerSpec, PagedKVCache
+from .lora import LoRAManager
 from .packing import can_pack, pack_model
 
 # A prefill's flat row is padded up to a multiple of this many tokens, so that oneDNN meets few distinct
@@ -51,6 +52,7 @@ class Chunk:
     start: int
     blocks: list[int]
     all_logits: bool = False
+    lora_slot: int = 0  # its LoRA adapter's slot (lora.py); 0: the base model
 
 
 @dataclass
@@ -78,18 +80,26 @@ class ModelRunner(ABC):
         """The sequence left (finished, cancelled or preempted); runners with per-sequence state drop it."""
 
 
-def make_runner(model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device) -> ModelRunner:
+def make_runner(model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None) -> ModelRunner:
     if isinstance(model, OnnxModel):
+        if lora is not None:
+            raise ModelLoadError(lora_unsupported("an ONNX model, served by the ONNX runner"))
         return OnnxRunner(model, plan, max_num_seqs)
     reason = PagedRunner.unsupported(model)
     if reason is None:
         try:
-            return PagedRunner(model, plan, max_num_seqs, device)
+            return PagedRunner(model, plan, max_num_seqs, device, lora)
         except UnsupportedModel as exc:
             reason = str(exc)
+    if lora is not None:
+        raise ModelLoadError(lora_unsupported(f"served by the row-by-row fallback runner ({reason})"))
     runner = HFRunner(model, plan, device)
     runner.path = f"HFRunner (row-by-row fallback): {reason}"
     return runner
+
+
+def lora_unsupported(why: str) -> str:
+    return f"--lora_modules needs the paged runner, which applies each row's adapter inside the batched step; this model is {why}"
 
 
 class UnsupportedModel(Exception):
@@ -120,9 +130,10 @@ class PagedRunner(ModelRunner):
             return "encoder-decoder models are not served by the paged runner"
         return None
 
-    def __init__(self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device):
+    def __init__(self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None):
         self.model = model
         self.device = device
+        self.lora = lora
         self.dtype = _cache_dtype(model)
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -138,11 +149,14 @@ class PagedRunner(ModelRunner):
                 f"({BLOCK_SIZE} positions × {kv_cache.format_bytes(per_token)} per position); raise it"
             )
         self.cache = PagedKVCache(self.layers, self.num_blocks, self.dtype, device)
+        if lora is not None:
+            lora.attach(model)  # before packing: packing then replaces each wrapper's base projection
         packed = pack_model(model, max_num_seqs) if can_pack(device, self.dtype) else (0, 0)
         self.path = (
             f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
             f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "
-            f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]})"
+            f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]}"
+            + (f"; {lora.describe()})" if lora is not None else ")")
         )
 
     @torch.inference_mode()
@@ -167,6 +181,8 @@ class PagedRunner(ModelRunner):
     def _forward(self, chunks: list[Chunk], batch: StepBatch, keep: torch.Tensor, pad: int = 0) -> torch.Tensor:
         ids = torch.tensor([[t for c in chunks for t in c.tokens] + [0] * pad], device=self.device)  # (1, N)
         positions = torch.tensor([[p for c in chunks for p in range(c.start, c.start + len(c.tokens))] + list(range(pad))], device=self.device)
+        if self.lora is not None:  # each token's row adapter, read by every LoRALinear of this forward
+            self.lora.set_step([c.lora_slot for c in chunks for _ in c.tokens] + [0] * pad, keep, self.dtype, self.device)
         out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep, step_batch=batch)
         return out.logits[0].float()  # (K, V)
 

@@ -1,7 +1,8 @@
 """Choose the next token for every row of a batch, each row with its own ``SamplingParams``.
 
 The one sampling implementation of the predictor. Order, as in vLLM: penalties and logit bias on the raw
-logits, then EOS masking for ``min_tokens``, then temperature, top-k, top-p, min-p, and a draw from each
+logits, then the grammar's token mask on constrained rows (structured outputs, ``structured.py``), then
+EOS masking for ``min_tokens``, then temperature, top-k, top-p, min-p, and a draw from each
 row's own ``torch.Generator`` (so a seeded request is reproducible whatever else shares the batch).
 Log-probabilities are reported from the model's raw distribution (before penalties and temperature).
 """
@@ -55,22 +56,30 @@ def sample(
     prompt_ids: list[list[int]],
     output_ids: list[list[int]],
     eos_token_id: int | None,
+    allowed: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Next token for each row. logits: (B, V) for the last position of each row.
 
-    Rows that need no per-row work (no penalties, no bias) share batched operations; the rest are
-    adjusted one by one. Every random draw uses the row's own generator.
+    ``allowed``: (rows, mask), the constrained rows and their allowed tokens, bool (len(rows), V); every
+    other token of those rows becomes ``-inf``. Rows that need no per-row work (no penalties, no bias)
+    share batched operations; the rest are adjusted one by one. Every random draw uses the row's own generator.
     """
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-    needs_copy = any(_has_penalties(p) for p in params) or eos_token_id is not None
+    needs_copy = any(_has_penalties(p) for p in params) or eos_token_id is not None or allowed is not None
     if needs_copy:
         logits = logits.clone()
     for row, p in enumerate(params):
         if _has_penalties(p):
             apply_penalties(logits[row], p, prompt_ids[row], output_ids[row])
+    if allowed is not None:
+        rows, mask = allowed
+        logits[rows] = logits[rows].masked_fill(~mask, float("-inf"))
     if eos_token_id is not None:
         blocked = [row for row, p in enumerate(params) if p.ignore_eos or len(output_ids[row]) < p.min_tokens]
+        if allowed is not None:  # a grammar that allows only EOS wins over min_tokens
+            only_eos = {row for row, m in zip(allowed[0], allowed[1]) if m[eos_token_id] and int(m.sum()) == 1}
+            blocked = [row for row in blocked if row not in only_eos]
         if blocked:
             logits[blocked, eos_token_id] = float("-inf")
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy rows keep this

@@ -18,14 +18,17 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .kv_cache import BlockAllocator, block_hashes
+from .lora import hash_seed
 
 if TYPE_CHECKING:
     from .engine import Sequence
+    from .lora import LoRAManager
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_prefill_tokens: int, prefix_caching: bool = False):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_prefill_tokens: int, prefix_caching: bool = False, lora: LoRAManager | None = None):
         self.allocator = allocator
+        self.lora = lora
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_caching = prefix_caching
@@ -44,14 +47,23 @@ class Scheduler:
         With prefix caching, a sequence starts with the cached blocks of its longest cached prefix
         (``seq.cached`` positions, always leaving at least one token to compute) and needs blocks and
         prefill budget only for the rest.
+
+        A request for a LoRA adapter also needs one of the ``--max_loras`` slots (``lora.py``); when none is
+        free it stays waiting, and so do the LoRA requests behind it (base requests still pass), so that
+        slots drain for it instead of being taken over and over by adapters already loaded.
         """
         admitted: list[Sequence] = []
+        skipped: list[Sequence] = []  # LoRA requests waiting for a slot, in queue order
         budget = self.max_prefill_tokens
         bs = self.allocator.block_size
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            lora = seq.request.lora if self.lora is not None else None
+            if lora is not None and (skipped or not self.lora.can_acquire(lora)):
+                skipped.append(self.waiting.popleft())
+                continue
             tokens = seq.tokens_to_prefill
-            seq.digests = block_hashes(tokens, bs) if self.prefix_caching else []
+            seq.digests = block_hashes(tokens, bs, hash_seed(lora)) if self.prefix_caching else []
             reusable = [] if seq.needs_prompt_logits else seq.digests[: (len(tokens) - 1) // bs]
             hits, unused = self.allocator.cached_prefix(reusable)
             n = len(tokens) - hits * bs
@@ -60,11 +72,13 @@ class Scheduler:
             if (admitted and n > budget) or self.allocator.free - unused - needed < (spare if self.running else 0):
                 break
             self.waiting.popleft()
+            seq.lora_slot = self.lora.acquire(lora) if lora is not None else 0
             seq.blocks = self.allocator.take_cached(reusable[:hits]) + self.allocator.allocate(needed)
             seq.cached = hits * bs
             budget -= n
             self.running.append(seq)
             admitted.append(seq)
+        self.waiting.extendleft(reversed(skipped))
         return admitted
 
     def computed(self, seq: Sequence) -> None:
@@ -102,3 +116,6 @@ class Scheduler:
             self.running.remove(seq)
         self.allocator.release(seq.blocks)
         seq.blocks = []
+        if self.lora is not None and seq.lora_slot:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = 0

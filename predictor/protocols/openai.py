@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine import EngineError, Sequence
 from ..generation import Completion, Generation
-from ..sampling import GenerationRequest, InvalidRequest, StepOutput, TokenLogprob
-from .schema import ChatCompletionRequest, CompletionRequest, parse
+from ..sampling import GenerationRequest, GrammarSpec, InvalidRequest, StepOutput, TokenLogprob
+from . import tool_calls
+from .schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice, parse
 from .sse import error_status, event_stream, sse
 
 PREFIXES = ("/openai/v1", "/v1")
@@ -33,29 +34,42 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 class OpenAIRoutes:
     """Handlers bound to one served model."""
 
-    def __init__(self, model_name: str, generation: Generation, created: int | None = None):
+    def __init__(self, model_name: str, generation: Generation, created: int | None = None, tool_call_parser: str = "auto"):
         self.model_name = model_name
         self.gen = generation
         self.created = created or int(time.time())
+        template = generation.loaded.chat_template
+        self.tool_call_parser = tool_calls.detect_parser(template) if tool_call_parser == "auto" else tool_call_parser
 
     def _check_model(self, name: str) -> None:
-        if name != self.model_name:
-            message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
+        """``model`` names the served model or one of its LoRA adapters (``--lora_modules``); anything else is a 404."""
+        if name != self.model_name and name not in self.gen.lora_adapters:
+            served = ", ".join(f"'{n}'" for n in [self.model_name, *self.gen.lora_adapters])
+            message = f"the model '{name}' does not exist; this server serves {served}"
             raise InvalidRequest(message, param="model", status=404, code="model_not_found")
+
+    def _lora(self, name: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names, or None for the base model."""
+        return None if name == self.model_name else name
 
     async def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm", "max_model_len": self.gen.loaded.max_model_len}
+        # LoRA adapters as vLLM lists them: root is the adapter's directory, parent the base model
+        adapters = [{**card, "id": a.name, "root": str(a.path), "parent": self.model_name} for a in self.gen.lora_adapters.values()]
         # "models" keeps KServe V1's GET /v1/models answer, which shares this path, for V1 clients.
-        return {"object": "list", "data": [card], "models": [self.model_name]}
+        return {"object": "list", "data": [card, *adapters], "models": [self.model_name]}
 
-    def _choices(self, ids, body, max_tokens: int, logprobs: int | None, first_index: int = 0, prompt_logprobs: bool = False):
+    def _choices(
+        self, ids, body, max_tokens: int, logprobs: int | None, first_index: int = 0, prompt_logprobs: bool = False, structured: GrammarSpec | None = None
+    ):
         """The ``n`` requests for one prompt, as (choice index, request); with a seed, choice j uses seed + j."""
         jobs = []
         for j in range(body.n):
             params = body.sampling_params(max_tokens, self.gen.loaded.sampling_defaults, logprobs, body.logit_bias)
+            params.structured = structured
             if params.seed is not None:
                 params.seed += j
-            jobs.append((first_index + j, self.gen.request(ids, params, prompt_logprobs=prompt_logprobs)))
+            jobs.append((first_index + j, self.gen.request(ids, params, prompt_logprobs=prompt_logprobs, lora=self._lora(body.model))))
         return jobs
 
     # ---- completions -------------------------------------------------------------------------------
@@ -69,6 +83,7 @@ class OpenAIRoutes:
             raise InvalidRequest("best_of other than n is not supported", param="best_of")
         if body.stream_options is not None and not body.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+        structured = body.grammar_spec()
         prompts = _prompt_list(body.prompt)
         jobs: list[tuple[int, GenerationRequest]] = []
         prompt_token_total = 0
@@ -76,7 +91,8 @@ class OpenAIRoutes:
             ids = self.gen.encode(prompt)
             prompt_token_total += len(ids)
             max_tokens = self.gen.max_tokens(ids, body.max_tokens)
-            jobs += self._choices(ids, body, max_tokens, body.logprobs, first_index=i * body.n, prompt_logprobs=body.echo and body.logprobs is not None)
+            prompt_logprobs = body.echo and body.logprobs is not None
+            jobs += self._choices(ids, body, max_tokens, body.logprobs, first_index=i * body.n, prompt_logprobs=prompt_logprobs, structured=structured)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -96,7 +112,7 @@ class OpenAIRoutes:
             "id": rid,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": self.model_name,
+            "model": body.model,  # the base model or the LoRA adapter asked for, as vLLM answers
             "choices": choices,
             "usage": _usage(prompt_token_total, results),
         }
@@ -115,10 +131,10 @@ class OpenAIRoutes:
                 logprobs = self._completion_logprobs((out.prompt_logprobs or []) + (out.logprobs or []), req.prompt_ids)
             generated += len(out.token_ids)
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [choice]})
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]})
         if include_usage:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [], "usage": usage})
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
     def _completion_logprobs(self, entries: list[TokenLogprob | None], prompt_ids: list[int]) -> dict:
@@ -139,62 +155,111 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request):
         body = parse(ChatCompletionRequest, await request.body())
         self._check_model(body.model)
-        if body.tools:
-            raise InvalidRequest("tools are not supported by this server", param="tools")
-        if body.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice is not supported by this server", param="tool_choice")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise InvalidRequest(f"response_format type '{body.response_format.type}' is not supported; only 'text'", param="response_format")
         if body.stream_options is not None and not body.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
             raise InvalidRequest("give max_completion_tokens or max_tokens, not two different values", param="max_completion_tokens")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        ids = self.gen.chat_prompt(messages)
+        structured = body.grammar_spec()
+        tool_mode, structured = self._tool_mode(body, structured)
+        messages, tools = tool_calls.prompt_messages(body.messages, body.tools or [], self.gen.loaded.chat_template)
+        ids = self.gen.chat_prompt(messages, tools=tools)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = self.gen.max_tokens(ids, requested, default=None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = self._choices(ids, body, max_tokens, logprobs)
+        jobs = self._choices(ids, body, max_tokens, logprobs, structured=structured)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             seqs = self.gen.submit_all([req for _, req in jobs])
-            return _event_stream(self._chat_events(rid, jobs, seqs, len(ids), include_usage))
+            return _event_stream(self._chat_events(rid, jobs, seqs, len(ids), include_usage, tool_mode))
         results = await self.gen.complete_all([req for _, req in jobs], request.is_disconnected)
-        choices = [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": done.text},
-                "logprobs": {"content": self._chat_logprobs(done.logprobs)} if body.logprobs else None,
-                "finish_reason": done.finish_reason,
-            }
-            for (index, _), done in zip(jobs, results)
-        ]
+        choices = []
+        for (index, _), done in zip(jobs, results):
+            message: dict[str, Any] = {"role": "assistant", "content": done.text}
+            finish_reason = done.finish_reason
+            if tool_mode is not None and finish_reason != "length":  # a call cut by max_tokens stays text
+                content, calls = tool_calls.parse_text(self._tool_parser(tool_mode), done.text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish_reason = "tool_calls"
+            logprobs_out = {"content": self._chat_logprobs(done.logprobs)} if body.logprobs else None
+            choices.append({"index": index, "message": message, "logprobs": logprobs_out, "finish_reason": finish_reason})
         return {
             "id": rid,
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": self.model_name,
+            "model": body.model,  # the base model or the LoRA adapter asked for, as vLLM answers
             "choices": choices,
             "usage": _usage(len(ids), results),
         }
 
-    async def _chat_events(self, rid, jobs, seqs, prompt_tokens, include_usage) -> AsyncIterator[str]:
+    def _tool_mode(self, body: ChatCompletionRequest, structured: GrammarSpec | None) -> tuple[str | tuple[str, str] | None, GrammarSpec | None]:
+        """How this request's answer becomes tool calls: None (plain text), ``auto`` (parse the model's text),
+        ``required`` or ("named", function) (constrained); and the output constraint that goes with it."""
+        tools = body.tools or []
+        if body.tool_choice is not None and body.tool_choice != "none" and not tools:
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        names = [t.function.name for t in tools]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("tools have duplicate function names", param="tools")
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+        if choice == "none":
+            return None, structured
+        if choice == "auto":
+            return "auto", structured
+        if structured is not None:
+            raise InvalidRequest(
+                f"{structured.param} cannot be combined with tool_choice {choice if isinstance(choice, str) else 'naming a function'}", param=structured.param
+            )
+        if choice == "required":
+            return "required", tool_calls.required_spec(tools, body.parallel_tool_calls)
+        assert isinstance(choice, NamedToolChoice)
+        tool = next((t for t in tools if t.function.name == choice.function.name), None)
+        if tool is None:
+            raise InvalidRequest(
+                f"tool_choice names '{choice.function.name}', which is not among the tools ({', '.join(names)})", param="tool_choice.function.name"
+            )
+        return ("named", tool.function.name), tool_calls.named_spec(tool)
+
+    def _tool_parser(self, mode: str | tuple[str, str]) -> tool_calls.ToolCallParser:
+        if mode == "auto":
+            return tool_calls.make_parser(self.tool_call_parser)
+        if mode == "required":
+            return tool_calls.JsonCallsParser()
+        return tool_calls.NamedCallParser(mode[1])
+
+    async def _chat_events(self, rid, jobs, seqs, prompt_tokens, include_usage, tool_mode=None) -> AsyncIterator[str]:
         created = int(time.time())
+        model = jobs[0][1].lora or self.model_name
 
         def chunk(choices: list, **extra: Any) -> str:
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name, "choices": choices, **extra})
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra})
 
+        parsers = {index: self._tool_parser(tool_mode) for index, _ in jobs} if tool_mode is not None else {}
         for index, _ in jobs:
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         generated = 0
         async for index, req, out in _merge(jobs, seqs):
             generated += len(out.token_ids)
-            delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+            finish_reason = out.finish_reason
+            if index in parsers:
+                parser = parsers[index]
+                parsed = parser.feed(out.text)
+                if finish_reason is not None:
+                    parsed += parser.finish()
+                    if parser.calls and finish_reason == "stop":
+                        finish_reason = "tool_calls"
+                delta: dict[str, Any] = {"content": parsed.content} if parsed.content else {}
+                if parsed.tool_calls:
+                    delta["tool_calls"] = [d.wire() for d in parsed.tool_calls]
+                if not delta and finish_reason is None and req.params.logprobs is None:
+                    continue  # held back (a possible tool call): nothing to send yet
+            else:
+                delta = {"content": out.text} if out.text or out.finish_reason is None else {}
             logprobs = {"content": self._chat_logprobs(out.logprobs)} if req.params.logprobs is not None else None
-            yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}])
+            yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
         if include_usage:
             yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated})
         yield sse("[DONE]")

@@ -6,11 +6,12 @@ is converted to ``SamplingParams`` in one place.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..sampling import InvalidRequest, SamplingParams
+from ..sampling import GrammarSpec, InvalidRequest, SamplingParams
 
 
 class _Strict(BaseModel):
@@ -64,6 +65,48 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extra body: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+def json_schema_spec(schema: dict | str, param: str) -> GrammarSpec:
+    """A JSON schema (object, or its text) as a hashable spec: compact JSON, keys in their given order (the order
+    the output writes them), so equal schemas share a compile."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise InvalidRequest(f"'{param}' is not valid JSON: {exc}", param=param) from None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
+    return GrammarSpec("json_schema", json.dumps(schema, separators=(",", ":")), param)
+
+
 class _OpenAIFields(SamplingFields):
     model: str
     n: int = Field(default=1, ge=1, le=16)
@@ -71,6 +114,53 @@ class _OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id for the caller's own tracing; it does not change generation
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The one output constraint the request asks for, or None; two at once is a 400."""
+        found: list[GrammarSpec] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(json_schema_spec(ANY_JSON_OBJECT, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidRequest("response_format of type 'json_schema' needs json_schema.schema", param="response_format.json_schema")
+            found.append(json_schema_spec(rf.json_schema.schema_, "response_format.json_schema.schema"))
+        so = self.structured_outputs
+        if so is not None:
+            given = {
+                k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar), ("json_object", so.json_object)) if v
+            }
+            if len(given) != 1:
+                raise InvalidRequest("structured_outputs takes exactly one of json, regex, choice, grammar, json_object", param="structured_outputs")
+            ((key, value),) = given.items()
+            found.append(_spec(key, value, f"structured_outputs.{key}"))
+        for key, value in (("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice), ("grammar", self.guided_grammar)):
+            if value is not None:
+                found.append(_spec(key, value, f"guided_{key}"))
+        if len(found) > 1:
+            raise InvalidRequest(f"give one output constraint, not {' and '.join(s.param for s in found)}", param=found[1].param)
+        return found[0] if found else None
+
+
+def _spec(key: str, value: Any, param: str) -> GrammarSpec:
+    if key == "json":
+        return json_schema_spec(value, param)
+    if key == "json_object":
+        return json_schema_spec(ANY_JSON_OBJECT, param)
+    if key == "choice":
+        if not value or not all(value):
+            raise InvalidRequest(f"'{param}' must be a non-empty list of non-empty strings", param=param)
+        return GrammarSpec("choice", json.dumps(value), param)
+    if not value:
+        raise InvalidRequest(f"'{param}' is empty", param=param)
+    return GrammarSpec(key, value, param)
 
 
 class CompletionRequest(_OpenAIFields):
@@ -86,10 +176,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -97,8 +200,25 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class ResponseFormat(_Strict):
-    type: str
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_OpenAIFields):
@@ -106,9 +226,8 @@ class ChatCompletionRequest(_OpenAIFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
 

@@ -1,7 +1,7 @@
 """vLLM's token-counting routes: ``POST /tokenize`` and ``POST /detokenize``.
 
-``/tokenize`` takes a ``prompt`` or chat ``messages`` (rendered with the model's chat template, as chat
-completions do) and returns the token ids, their ``count`` and ``max_model_len``: a client can check a
+``/tokenize`` takes a ``prompt`` or chat ``messages`` (and optional ``tools``; rendered with the model's chat template as
+chat completions render them) and returns the token ids, their ``count`` and ``max_model_len``: a client can check a
 request fits before sending it. The ids are exactly those the completion routes count in
 ``usage.prompt_tokens``. ``/detokenize`` turns ids back into text.
 """
@@ -12,13 +12,15 @@ from fastapi import APIRouter, FastAPI, Request
 
 from ..generation import Generation
 from ..sampling import InvalidRequest
-from .schema import ChatMessage, _Strict, parse
+from . import tool_calls
+from .schema import ChatMessage, Tool, _Strict, parse
 
 
 class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # messages only: rendered as chat completions render them
     add_generation_prompt: bool = True  # messages only: end with the assistant's turn, as chat completions do
     return_token_strs: bool = False
 
@@ -34,7 +36,7 @@ class TokenizeRoutes:
         self.gen = generation
 
     def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name != self.model_name and name not in self.gen.lora_adapters:  # adapters share the tokenizer
             message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
             raise InvalidRequest(message, param="model", status=404, code="model_not_found")
 
@@ -46,8 +48,8 @@ class TokenizeRoutes:
         if body.prompt is not None:
             ids = self.gen.encode(body.prompt)
         else:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-            ids = self.gen.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
+            messages, tools = tool_calls.prompt_messages(body.messages, body.tools or [], self.gen.loaded.chat_template)
+            ids = self.gen.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt, tools=tools)
         answer = {"count": len(ids), "max_model_len": self.gen.loaded.max_model_len, "tokens": ids}
         if body.return_token_strs:
             answer["token_strs"] = self.gen.loaded.tokenizer.convert_ids_to_tokens(ids)
