@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     tj.add_argument("--workspace-path", default="/workspace", help="Where the PVC is mounted (default: /workspace).")
     tj.add_argument("--stage", default="/workspace/runs/example", help="Run directory on the volume: dataset/ in, model/ and train.pt out.")
     tj.add_argument("--base-model", default="", help="A model directory on the volume to fine-tune.")
-    tj.add_argument("--train-config", type=_train_config, default={}, metavar="JSON", help="TrainConfig fields (batch_size is the global batch).")
+    _train_config_option(tj, "TrainConfig fields (batch_size is the global batch).")
     tj.add_argument("--cpu", default="8", help="CPU per node (default 8).")
     tj.add_argument("--memory", default="64Gi", help="Memory per node (default 64Gi).")
     tj.add_argument("--validate", action="store_true", help="Also validate against the TrainJob CRD schema ($KSERVE_LLM_CRDS).")
@@ -86,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--dataset", type=Path, required=True, help="Prepared dataset directory (tokenizer/, ids.safetensors: the pipeline's data step).")
     train.add_argument("--output", type=Path, required=True, help="Model directory to write (must not exist, or be empty).")
     train.add_argument("--base-model", help="A model directory to fine-tune (LoRA by default) instead of training from scratch.")
-    train.add_argument(
-        "--train-config",
-        type=_train_config,
-        default={},
-        metavar="JSON",
-        help='TrainConfig fields, e.g. \'{"steps": 30, "batch_size": 16, "parallelism": "fsdp"}\' (batch_size is the global batch).',
-    )
+    _train_config_option(train, 'TrainConfig fields, e.g. \'{"steps": 30, "batch_size": 16, "parallelism": "fsdp"}\' (batch_size is the global batch).')
     train.add_argument("--checkpoint", type=Path, help="Checkpoint file: resumed from when it exists, written by rank 0 every checkpoint_every steps.")
     train.add_argument("--quiet", action="store_true", help="No progress bar.")
 
@@ -102,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tiny", action="store_true", help="Tiny model and settings (about 2 minutes; what the tests run).")
     run.add_argument("--corpus", help="Corpus: a .txt file, a directory of them, or an http(s) URL (default: the demo corpus).")
     run.add_argument("--base-model", help="A model directory to fine-tune (LoRA by default) instead of training from scratch.")
-    run.add_argument(
-        "--train-config",
-        type=_train_config,
-        default={},
-        metavar="JSON",
-        help='Train settings merged into the default train_config, e.g. \'{"steps": 30, "finetune": "full"}\' (TrainConfig fields).',
-    )
+    _train_config_option(run, 'Train settings merged into the default train_config, e.g. \'{"steps": 30, "finetune": "full"}\' (TrainConfig fields).')
     run.add_argument("--min-speedup", type=float, help="Gate: minimum batch-1 decode speedup over the unoptimized model.")
     run.add_argument("--max-perplexity-increase", type=float, help="Gate: maximum relative perplexity increase (0.05 = 5%%).")
     run.add_argument("--min-greedy-agreement", type=float, help="Gate: minimum share of held-out greedy next tokens equal to the unoptimized model's (0 … 1).")
@@ -228,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         return _run_local(args, parser)
     return 0
+
+
+def _train_config_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--train-config", type=_train_config, default={}, metavar="JSON", help=help)
 
 
 def _train_config(text: str) -> dict:

@@ -154,6 +154,14 @@ def test_security_defaults_inside_the_custom_resources(values):
             "not supported by this chart",
         ),
         (["--set", "engine=sglang"], "engine"),
+        (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "lora.adapters[1].name=sql"], "the name sql appears twice"),
+        (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "lora.adapters[0].name=base"], "the name base is model.name"),
+        (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "kind=LLMInferenceService", "--set", "llmisvc.tls=false"], "needs engine=vllm"),
+        (
+            ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "lora.adapters[0].name=a", "--set", "lora.adapters[0].storageUri=s3://a"],
+            "lora.adapters with multiNode",
+        ),
+        (["--set", "lora.adapters[0].name=Bad_Name", "--set", "lora.adapters[0].storageUri=s3://a"], "name"),
         (["--set", "model.storageUri=ftp://x"], "storageUri"),
         (["--set", "autoscaling.mode=fast"], "mode"),
         (["--set", "gpu.count=-1"], "count"),
@@ -426,3 +434,28 @@ def test_llminferenceservice_with_vllm_router_prefill_keda_and_multinode():
     assert "ray start --head" in leader["args"][0] and "LWS_GROUP_SIZE" in leader["args"][0]
     assert {"--tensor-parallel-size=8", "--pipeline-parallel-size=2", "--distributed-executor-backend=ray"} <= set(leader["args"])
     assert "LWS_LEADER_ADDRESS" in worker["args"][0] and worker["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_lora_adapters_are_fetched_by_kserve_and_passed_to_either_engine():
+    values = str(CHART / "ci" / "lora-adapters-values.yaml")
+    predictor = by_kind(render("-f", values), "InferenceService")[0]["spec"]["predictor"]
+    assert "storageUri" not in predictor["model"]  # storageUris replaces it: base and adapters fetched side by side
+    assert [(u["uri"], u["mountPath"]) for u in predictor["storageUris"]] == [
+        ("s3://models/qwen2.5-7b-instruct", "/mnt/models"),
+        ("s3://adapters/qwen-sql-lora", "/mnt/adapters/sql"),
+        ("pvc://adapters/support-lora", "/mnt/adapters/support"),
+    ]
+    args = predictor["model"]["args"]
+    start = args.index("--lora_modules")
+    assert args[start + 1 : start + 3] == ["sql=/mnt/adapters/sql", "support=/mnt/adapters/support"]
+    assert {"--max_loras=2", "--max_lora_rank=32", "--model_dir=/mnt/models"} <= set(args)
+    vllm = by_kind(render("-f", values, "--set", "engine=vllm"), "InferenceService")[0]["spec"]["predictor"]["model"]["args"]
+    assert {"--enable-lora", "--max-loras=2", "--max-lora-rank=32"} <= set(vllm)
+    assert vllm[vllm.index("--lora-modules") + 1] == "sql=/mnt/adapters/sql"
+    llmisvc = by_kind(render("-f", values, "--set", "engine=vllm", "--set", "kind=LLMInferenceService"), "LLMInferenceService")[0]
+    assert llmisvc["spec"]["model"]["lora"] == {
+        "adapters": [{"name": "sql", "uri": "s3://adapters/qwen-sql-lora"}, {"name": "support", "uri": "pvc://adapters/support-lora"}],
+        "maxAdapters": 2,
+        "maxRank": 32,
+    }
+    validate(llmisvc)

@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 from conftest import REPO, start_server, stop_server
-from test_model_families import build_model, metric
+from test_model_families import build_model, greedy_texts, metric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from predictor.engine.lora import LoRAError, LoRAManager
@@ -47,19 +47,10 @@ def merged_reference(base_dir: Path, adapter: Path | None, prompts: list[list[in
     """Greedy ``generate`` of the base model, or of the base with ``adapter`` merged into its weights."""
     from peft import PeftModel
 
-    from predictor.engine.detokenizer import Detokenizer
-
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if adapter is not None:
         model = PeftModel.from_pretrained(copy.deepcopy(model), adapter).merge_and_unload().eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    out = []
-    for ids in prompts:
-        with torch.no_grad():
-            generated = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-        detok = Detokenizer(tokenizer, ids, [])
-        out.append("".join(detok.add(t) for t in generated[0, len(ids) :].tolist()) + detok.flush())
-    return out
+    return greedy_texts(model, AutoTokenizer.from_pretrained(base_dir), prompts, max_tokens)
 
 
 def complete(url: str, jobs: list[tuple[str, list[int]]], together: bool = True, max_tokens: int = MAX_TOKENS) -> list[str]:

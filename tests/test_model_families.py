@@ -68,10 +68,13 @@ def token_prompts(vocab: int) -> list[list[int]]:
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[str]:
     """``model.generate``'s greedy continuation of each prompt, decoded by the server's own detokenizer (random
     byte-level tokens split characters, which streaming holds back differently from one ``decode``)."""
+    return greedy_texts(AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir), prompts, max_tokens)
+
+
+def greedy_texts(model, tokenizer, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[str]:
+    """``model``'s greedy continuations of ``prompts`` (exactly ``max_tokens`` each), as the server's detokenizer streams them."""
     from predictor.engine.detokenizer import Detokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = []
     for ids in prompts:
         with torch.no_grad():

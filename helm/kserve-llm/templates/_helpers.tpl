@@ -128,6 +128,29 @@ Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
 {{- fail "set servingRuntime.create=true or name a servingRuntime.clusterServingRuntime" -}}
 {{- end -}}
 {{- end -}}
+{{- include "kserve-llm.validateLora" . -}}
+{{- end -}}
+
+{{/* LoRA adapters: unique names, none equal to the served model's, and the combinations the chart can render. */}}
+{{- define "kserve-llm.validateLora" -}}
+{{- with .Values.lora.adapters -}}
+{{- $names := list -}}
+{{- range . -}}
+{{- if has .name $names -}}
+{{- fail (printf "lora.adapters: the name %s appears twice; adapter names must be unique" .name) -}}
+{{- end -}}
+{{- if eq .name $.Values.model.name -}}
+{{- fail (printf "lora.adapters: the name %s is model.name, the base model's; a request's model field could not tell them apart" .name) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- if $.Values.multiNode.enabled -}}
+{{- fail "lora.adapters with multiNode.enabled is not supported by this chart: the adapters would have to reach every worker pod; serve them on a single-node replica" -}}
+{{- end -}}
+{{- if and (eq $.Values.kind "LLMInferenceService") (ne $.Values.engine "vllm") -}}
+{{- fail "lora.adapters with kind=LLMInferenceService needs engine=vllm: KServe fetches spec.model.lora adapters for vLLM only; use kind=InferenceService for this predictor's adapters" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Predictor arguments shared by the runtime: the engine settings. */}}
@@ -144,6 +167,14 @@ Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
 {{- end }}
 {{- with .Values.model.kvCacheMemory }}
 - --kv_cache_memory={{ . }}
+{{- end }}
+{{- if and .Values.lora.adapters (eq .Values.kind "InferenceService") }}
+- --lora_modules
+{{- range .Values.lora.adapters }}
+- {{ .name }}=/mnt/adapters/{{ .name }}
+{{- end }}
+- --max_loras={{ .Values.lora.maxLoras }}
+- --max_lora_rank={{ .Values.lora.maxLoraRank }}
 {{- end }}
 {{- with .Values.model.extraArgs }}
 {{ toYaml . }}
@@ -193,6 +224,17 @@ parallelism. Multi-node: tensor parallel inside a pod, pipeline parallel across 
 - --distributed-executor-backend=ray
 {{- else if gt (int .Values.gpu.count) 1 }}
 - --tensor-parallel-size={{ .Values.gpu.count }}
+{{- end }}
+{{- if .Values.lora.adapters }}
+- --enable-lora
+- --max-loras={{ .Values.lora.maxLoras }}
+- --max-lora-rank={{ .Values.lora.maxLoraRank }}
+{{- if eq .Values.kind "InferenceService" }}
+- --lora-modules
+{{- range .Values.lora.adapters }}
+- {{ .name }}=/mnt/adapters/{{ .name }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- with .Values.vllm.extraArgs }}
 {{ toYaml . }}
