@@ -22,8 +22,10 @@ The flow, one place each:
   ``advance``s each matcher with the token it accepted. End-of-sequence is allowed only where the grammar
   accepts; a grammar that can take no further token ends the sequence (``finish_reason`` ``stop``).
 
-JSON is compiled without flexible whitespace (``{"a":1}``, no spaces or newlines between tokens):
-random or small models otherwise loop on whitespace until ``max_tokens``.
+JSON is compiled with fixed whitespace, the separators ``json.dumps`` writes (``{"a": 1, "b": 2}``): flexible
+whitespace lets random or small models loop on spaces and newlines until ``max_tokens``, and fully compact JSON
+(``{"a":1}``) is tokenized unlike the JSON models saw in training (measured on SmolLM2-135M-Instruct, Paris's
+facts under a schema: ``"country":"CHIP"`` compact, ``"country": "France"`` with the separators).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import torch
 
 from ..sampling import GrammarSpec, InvalidRequest
 
-# JSON compile options: compact JSON (no whitespace between tokens), unknown schema keywords refused.
-JSON_OPTIONS = {"whitespace_flexible": False}
+# JSON compile options: json.dumps separators and no other whitespace; unknown schema keywords refused.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped first)
 
 
