@@ -67,6 +67,19 @@ def test_json_schema_chat_and_completions_always_validate(client):
     assert r.usage.completion_tokens < MAX_TOKENS  # ended by the grammar, without an EOS token to spare
 
 
+def test_strict_closes_objects_as_openai_does(client):
+    from predictor.protocols.schema import closed
+
+    open_schema = {"type": "object", "properties": {"a": {"enum": ["x"]}, "b": {"type": "object", "properties": {"c": {"enum": [1]}}}}}
+    assert closed(open_schema)["additionalProperties"] is False and closed(open_schema)["properties"]["b"]["additionalProperties"] is False
+    assert closed({"type": "object", "properties": {}, "additionalProperties": True})["additionalProperties"] is True  # said: kept
+    strict = {"type": "json_schema", "json_schema": {"name": "t", "schema": {**open_schema, "required": ["a", "b"]}, "strict": True}}
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=1.0, seed=5, n=4, response_format=strict)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        assert json.loads(choice.message.content) == {"a": "x", "b": {"c": 1}}  # exactly the listed keys: nothing else fits
+
+
 def test_free_output_is_not_json(client):
     """The control: without the constraint this model does not write valid JSON."""
     r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=40, temperature=1.0, seed=3, n=4)

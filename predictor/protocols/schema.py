@@ -94,9 +94,22 @@ class StructuredOutputs(BaseModel):
 ANY_JSON_OBJECT = {"type": "object"}
 
 
-def json_schema_spec(schema: dict | str, param: str) -> GrammarSpec:
+def closed(schema: Any) -> Any:
+    """OpenAI's ``strict: true``: every object schema that lists ``properties`` and says nothing of others gets
+    ``additionalProperties: false``, so the output has exactly the listed keys (plain JSON Schema allows more)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema_spec(schema: dict | str, param: str, strict: bool = False) -> GrammarSpec:
     """A JSON schema (object, or its text) as a hashable spec: compact JSON, keys in their given order (the order
-    the output writes them), so equal schemas share a compile."""
+    the output writes them), so equal schemas share a compile; ``strict`` closes its objects (:func:`closed`)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -104,7 +117,7 @@ def json_schema_spec(schema: dict | str, param: str) -> GrammarSpec:
             raise InvalidRequest(f"'{param}' is not valid JSON: {exc}", param=param) from None
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
-    return GrammarSpec("json_schema", json.dumps(schema, separators=(",", ":")), param)
+    return GrammarSpec("json_schema", json.dumps(closed(schema) if strict else schema, separators=(",", ":")), param)
 
 
 class _OpenAIFields(SamplingFields):
@@ -131,7 +144,7 @@ class _OpenAIFields(SamplingFields):
         elif rf is not None and rf.type == "json_schema":
             if rf.json_schema is None or rf.json_schema.schema_ is None:
                 raise InvalidRequest("response_format of type 'json_schema' needs json_schema.schema", param="response_format.json_schema")
-            found.append(json_schema_spec(rf.json_schema.schema_, "response_format.json_schema.schema"))
+            found.append(json_schema_spec(rf.json_schema.schema_, "response_format.json_schema.schema", bool(rf.json_schema.strict)))
         so = self.structured_outputs
         if so is not None:
             given = {

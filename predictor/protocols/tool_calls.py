@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sampling import GrammarSpec, InvalidRequest
-from .schema import ChatMessage, Tool, json_schema_spec
+from .schema import ChatMessage, Tool, closed, json_schema_spec
 
 PARSERS = ("hermes", "llama3_json")
 
@@ -123,7 +123,9 @@ def _arguments(text: str, param: str) -> Any:
 
 
 def _parameters(tool: Tool) -> dict:
-    return tool.function.parameters or {"type": "object", "properties": {}}
+    """The function's arguments schema; with the function's ``strict: true`` (OpenAI's), its objects closed."""
+    parameters = tool.function.parameters or {"type": "object", "properties": {}}
+    return closed(parameters) if tool.function.strict else parameters
 
 
 def required_spec(tools: list[Tool], parallel: bool | None) -> GrammarSpec:
