@@ -38,7 +38,7 @@ class FakeKubeAPI:
         self.processes: dict[tuple[str, str, str], subprocess.Popen] = {}
         self.logs: dict[tuple[str, str, str], str] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
