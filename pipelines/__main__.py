@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -205,11 +206,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--output: {args.output} already exists and is not empty")
         if args.checkpoint is not None:
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        # The model is written beside --output and renamed into place when complete: a run killed while saving
+        # leaves no half-written --output, so a re-created TrainJob (resuming from its checkpoint) can write it.
+        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 saves; the others print nothing
+        partial = args.output.with_name(args.output.name + ".partial")
+        if main_rank:
+            shutil.rmtree(partial, ignore_errors=True)
         try:
-            report = train_on_dataset(args.dataset, args.output, TrainConfig.from_dict(args.train_config), args.base_model, args.checkpoint, not args.quiet)
+            report = train_on_dataset(args.dataset, partial, TrainConfig.from_dict(args.train_config), args.base_model, args.checkpoint, not args.quiet)
         except ValueError as exc:
             parser.error(str(exc))
-        if os.environ.get("RANK", "0") == "0":  # torchrun's rank 0 saved the model; the other ranks print nothing
+        if main_rank:
+            if args.output.is_dir():
+                args.output.rmdir()  # empty (checked above)
+            partial.replace(args.output)
             keys = ("method", "steps", "held_out_loss", "held_out_perplexity", "parameters", "trainable_parameters")
             summary = {"output": str(args.output), **{k: report[k] for k in keys}, "final_train_loss": report["train_loss"][-1]}
             print(json.dumps({**summary, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))

@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from predictor.launch import free_port
+
 TRAINJOB_FAILURE = {"type": "Failed", "status": "True", "reason": "JobSetFailed", "message": "jobset failed: node-0-0 exited with code 137 (OOMKilled)"}
 
 
@@ -91,7 +93,7 @@ class FakeKubeAPI:
             trainer = obj["spec"]["trainer"]
             env = {**os.environ, **{e["name"]: e["value"] for e in trainer.get("env", []) if "value" in e}}
             env.update(PET_NNODES="1", PET_NPROC_PER_NODE=str(trainer.get("numNodes", 1) * trainer.get("numProcPerNode", 1)), PET_NODE_RANK="0")
-            env.update(PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+            env.update(PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # torchrun beside the test Python
             process = subprocess.Popen(trainer["command"] + trainer.get("args", []), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             self.processes[key] = process
@@ -203,11 +205,3 @@ class FakeKubeAPI:
                 self._reply(201 if existing is None else 200, obj)
 
         return Handler
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from pipelines.corpus import demo_corpus
 from pipelines.dataset import prepare
 from pipelines.distributed import rows_per_rank
 from pipelines.train import TrainConfig, train_on_dataset
+from predictor.launch import free_port
 
 TINY = dict(n_layer=2, n_embd=64, n_head=2, n_positions=32, seq_len=32, batch_size=4, steps=6, lr=5e-3, warmup_steps=2, eval_every=3, checkpoint_every=3)
 # Losses are rounded to 4 decimals. Measured (torch 2.13, CPU): the 2-process DDP and FSDP loss curves, resumed ones
@@ -72,12 +72,6 @@ def single(dataset, tmp_path_factory):
     """One process, the same global batch: the reference run (report, model directory)."""
     out = tmp_path_factory.mktemp("single") / "model"
     return train_on_dataset(dataset, out, TrainConfig(**TINY), progress=False), out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, script: str | None = None, check: bool = True, **config) -> subprocess.CompletedProcess:
@@ -174,3 +168,13 @@ def test_train_command_errors_name_the_argument(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--train-config", '{"parallelism": "tp"}'])
     assert "parallelism must be one of ddp, fsdp" in capsys.readouterr().err
+
+
+def test_train_command_writes_its_output_whole_over_a_run_killed_while_saving(dataset, tmp_path, capsys):
+    """A TrainJob re-created after a kill mid-save finds a half-written ``.partial`` beside an empty --output."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "model.safetensors").write_text("half written")
+    assert main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--quiet", "--train-config", json.dumps(dict(TINY, steps=2))]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None and not (tmp_path / "out.partial").exists()
