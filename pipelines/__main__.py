@@ -198,14 +198,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"the TrainJob does not validate: {exc}" if isinstance(exc, SchemaError) else str(exc))
         print(yaml.safe_dump(job, sort_keys=False), end="")
     elif args.command == "train":
+        from predictor.loading import ModelLoadError
+
         from .train import TrainConfig, train_on_dataset
 
         if not (args.dataset / "ids.safetensors").is_file():
             parser.error(f"--dataset: {args.dataset} is not a prepared dataset directory (no ids.safetensors)")
         if args.output.is_file() or (args.output.is_dir() and any(args.output.iterdir())):
             parser.error(f"--output: {args.output} already exists and is not empty")
+        args.output = args.output.resolve()  # "." has no name to put ".partial" beside
         if args.checkpoint is not None:
-            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            if args.checkpoint.is_dir():
+                parser.error(f"--checkpoint: {args.checkpoint} is a directory; give the checkpoint file's path")
+            try:
+                args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                parser.error(f"--checkpoint: cannot create {args.checkpoint.parent}: {exc.strerror}")
         # The model is written beside --output and renamed into place when complete: a run killed while saving
         # leaves no half-written --output, so a re-created TrainJob (resuming from its checkpoint) can write it.
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 saves; the others print nothing
@@ -214,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(partial, ignore_errors=True)
         try:
             report = train_on_dataset(args.dataset, partial, TrainConfig.from_dict(args.train_config), args.base_model, args.checkpoint, not args.quiet)
+        except ModelLoadError as exc:
+            parser.error(f"--base-model: {exc}")
         except ValueError as exc:
             parser.error(str(exc))
         if main_rank:

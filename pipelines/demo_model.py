@@ -33,8 +33,9 @@ TINY = TrainConfig(vocab_size=512, n_layer=2, n_embd=96, n_head=4, n_positions=1
 
 def model_path(config: TrainConfig = DEMO, root: Path | None = None) -> Path:
     """Where the model for ``config`` is cached: the directory name carries a hash of the config (the fields a model
-    trained from scratch depends on, so that adding fine-tuning settings kept the existing caches valid)."""
-    shape = {k: v for k, v in asdict(config).items() if k not in FINETUNE_FIELDS}
+    trained from scratch depends on, so that adding fine-tuning and parallelism settings kept the existing caches valid:
+    one process or several train the same model)."""
+    shape = {k: v for k, v in asdict(config).items() if k not in (*FINETUNE_FIELDS, "parallelism")}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
     name = "demo-model" if config == DEMO else "model"
     return (root or cache_root()) / f"{name}-{digest}"

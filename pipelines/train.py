@@ -185,7 +185,7 @@ def train_lm(
     distributed.rows_per_rank(config.batch_size)  # the batch must split evenly over the ranks
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    trained = distributed.wrap(model, config.parallelism, layers=decoder_layers(model)[0])  # model itself in one process
+    trained = distributed.wrap(model, config.parallelism, layers=largest_module_list(model)[0])  # model itself in one process
     trainable = [p for p in trained.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -196,9 +196,13 @@ def train_lm(
     )
     start_step, losses, curve = 0, [], []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-        distributed.load_full_state(trained, optimizer, state["model"], state["optimizer"])
-        start_step, losses, curve = state["step"], state["losses"], state.get("held_out_curve", [])
+        try:
+            state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+            distributed.load_full_state(trained, optimizer, state["model"], state["optimizer"])
+            start_step, losses, curve = state["step"], state["losses"], state.get("held_out_curve", [])
+        except Exception as exc:  # unreadable, truncated, or another run's (shape, optimizer groups): say which file
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ValueError(f"checkpoint {checkpoint} cannot resume this run ({reason}): delete it, or use the train config it was written with") from None
         for _ in range(start_step):  # replay the batch sampler so a resumed run sees the same batches
             batches(train_ids, config.seq_len, config.batch_size, generator)
     trained.train()
@@ -251,6 +255,8 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def new_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 of the configured shape (seeded)."""
+    if config.seq_len > config.n_positions:
+        raise ValueError(f"seq_len {config.seq_len} exceeds n_positions {config.n_positions}, the model's context: lower seq_len or raise n_positions")
     torch.manual_seed(config.seed)
     gpt2 = GPT2Config(
         vocab_size=len(tokenizer),
@@ -337,7 +343,7 @@ def train_on_dataset(
     return result
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layers and their name, found for any family: the model's largest ``nn.ModuleList``, which holds
     neither the embeddings nor the LM head (``("", empty list)`` when there is none)."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
@@ -345,8 +351,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def lora_targets(model: PreTrainedModel) -> list[str]:
-    """Names of the projections (``nn.Linear``, GPT-2's ``Conv1D``) in the decoder layers (``decoder_layers``)."""
-    prefix, layers = decoder_layers(model)
+    """Names of the projections (``nn.Linear``, GPT-2's ``Conv1D``) in the decoder layers (``largest_module_list``)."""
+    prefix, layers = largest_module_list(model)
     targets = [f"{prefix}.{name}" for name, m in layers.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no linear projections in a list of decoder layers to put LoRA adapters on")

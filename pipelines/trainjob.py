@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .distributed import rows_per_rank
 from .kube import Cluster, KubeError, condition
+from .train import TrainConfig
 
 API_VERSION, KIND = "trainer.kubeflow.org/v1alpha1", "TrainJob"
 # The stock torch runtime's one replicated job and its container are both called "node".
@@ -69,6 +72,14 @@ class TrainJobSettings:
             raise ValueError(f"runtime_kind must be ClusterTrainingRuntime or TrainingRuntime; got {self.runtime_kind!r}")
         if not Path(self.workspace_path).is_absolute():
             raise ValueError(f"workspace_path must be an absolute mount path; got {self.workspace_path!r}")
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", self.name):
+            # JobSet names pods NAME-node-I-J-xxxxx, which must stay within 63 characters
+            raise ValueError(f"name must be a DNS-1035 label of at most 40 characters (lower case, digits, '-'); got {self.name!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: one per GPU, or one per node on CPUs."""
+        return self.num_nodes * max(1, self.gpus_per_node)
 
 
 def job_name(run_id: str, prefix: str = "kserve-llm-train") -> str:
@@ -88,8 +99,13 @@ def command(stage: str, train_config: dict, base_model: str = "") -> tuple[list[
 
 def render_trainjob(settings: TrainJobSettings, stage: str, train_config: dict | None = None, base_model: str = "") -> dict:
     """The TrainJob for ``settings`` training on the dataset staged under ``stage`` (a directory on the workspace volume)."""
-    if not stage.startswith(settings.workspace_path.rstrip("/") + "/"):
+    volume = settings.workspace_path.rstrip("/") + "/"
+    if not stage.startswith(volume):
         raise ValueError(f"stage {stage} is not on the workspace volume ({settings.workspace_path}): the trainer pods could not read it")
+    if base_model and not base_model.startswith(volume):
+        raise ValueError(f"base_model {base_model} is not on the workspace volume ({settings.workspace_path}): the trainer pods could not read it")
+    config = TrainConfig.from_dict({"checkpoint_every": 50, **(train_config or {})})
+    rows_per_rank(config.batch_size, settings.world_size)  # refused here, not after the nodes were scheduled
     cmd, args = command(stage, {"checkpoint_every": 50, **(train_config or {})}, base_model)
     resources: dict = {"cpu": settings.cpu_per_node, "memory": settings.memory_per_node}
     if settings.gpus_per_node:
@@ -168,9 +184,19 @@ def run_trainjob(job: dict, cluster: Cluster, timeout_s: float = 86_400, poll_s:
     raises :class:`TrainJobError` with Trainer's reason and keeps the job for its logs; a timeout or a cancel
     (SIGTERM, Ctrl-C) deletes it, so no nodes keep training for nobody.
     """
+    previous = signal.signal(signal.SIGTERM, _raise_cancelled) if _main_thread() else None
+    try:
+        return _run(job, cluster, timeout_s, poll_s, log)
+    except KubeError as exc:  # from any call, the deletes on timeout and cancel included
+        raise TrainJobError(str(exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(job: dict, cluster: Cluster, timeout_s: float, poll_s: float, log) -> dict:
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
     where = f"TrainJob {namespace}/{name}"
-    previous = signal.signal(signal.SIGTERM, _raise_cancelled) if _main_thread() else None
     try:
         current = cluster.get(job)
         if current and state(current)[0] == "failed":
@@ -202,11 +228,6 @@ def run_trainjob(job: dict, cluster: Cluster, timeout_s: float = 86_400, poll_s:
         cluster.delete(job)
         log(f"cancelled: deleted {where}")
         raise TrainJobError(f"{where} cancelled; deleted it") from None
-    except KubeError as exc:
-        raise TrainJobError(str(exc)) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def namespace_of_this_pod(default: str = "default") -> str:

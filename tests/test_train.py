@@ -37,6 +37,15 @@ def test_prepare_writes_tokenizer_splits_and_ids(dataset):
     assert tokenizer.decode(held_ids[:50].tolist()) in (out / "held_out.txt").read_text()
 
 
+def test_the_demo_models_cache_key_ignores_settings_that_do_not_change_it():
+    """Fine-tuning and parallelism settings do not change a model trained from scratch: adding them must not
+    orphan the cached demo model (the README's evaluation tables name this directory)."""
+    from pipelines.demo_model import DEMO, model_path
+
+    assert model_path(DEMO).name == "demo-model-f0cdd85d09"
+    assert model_path(TrainConfig(**{**DEMO.__dict__, "parallelism": "fsdp", "lora_rank": 4})) == model_path(DEMO)
+
+
 def test_train_config_from_a_pipeline_parameter_casts_numbers_and_refuses_unknown_keys():
     config = TrainConfig.from_dict({"steps": 12.0, "lr": 1, "n_layer": 2.0})
     assert (config.steps, config.n_layer, config.lr) == (12, 2, 1.0) and isinstance(config.steps, int)

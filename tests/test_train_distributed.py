@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,17 @@ def test_train_command_errors_name_the_argument(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--train-config", '{"parallelism": "tp"}'])
     assert "parallelism must be one of ddp, fsdp" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    for args, message in (
+        (["--checkpoint", str(tmp_path)], "--checkpoint: .* is a directory"),
+        (["--checkpoint", str(tmp_path / "bad.pt")], "checkpoint .*bad.pt cannot resume this run"),
+        (["--base-model", str(tmp_path / "missing")], "--base-model: "),
+        (["--train-config", '{"seq_len": 512, "n_positions": 64}'], "seq_len 512 exceeds n_positions 64"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--quiet", *args])
+        assert re.search(message, capsys.readouterr().err), args
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_train_command_writes_its_output_whole_over_a_run_killed_while_saving(dataset, tmp_path, capsys):

@@ -34,7 +34,8 @@ def fake_kube(tmp_path):
 
 
 def _job(tmp_path, **settings) -> dict:
-    return render_trainjob(TrainJobSettings(name="llm-train", namespace="ml", workspace_path=str(tmp_path), **settings), f"{tmp_path}/runs/r1", TINY)
+    config = dict(TINY, batch_size=64)  # splits over up to 64 processes
+    return render_trainjob(TrainJobSettings(name="llm-train", namespace="ml", workspace_path=str(tmp_path), **settings), f"{tmp_path}/runs/r1", config)
 
 
 @pytest.mark.parametrize("gpus", [0, 8])
@@ -128,8 +129,18 @@ def test_cancelling_the_step_deletes_the_trainjob(fake_kube, tmp_path):
         ({"gpus_per_node": -1}, "gpus_per_node"),
         ({"runtime_kind": "Runtime"}, "runtime_kind"),
         ({"workspace_path": "workspace"}, "absolute"),
+        ({"name": "Train_Job"}, "DNS-1035"),
+        ({"name": "t" * 41}, "at most 40"),
     ],
 )
 def test_bad_trainjob_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
-        TrainJobSettings(name="t", **settings)
+        TrainJobSettings(**{"name": "t", **settings})
+
+
+def test_a_trainjob_that_could_not_start_is_refused_before_it_is_created(tmp_path):
+    settings = TrainJobSettings(name="t", num_nodes=3, gpus_per_node=0, workspace_path=str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size 4 .* not divisible by the world size 3"):
+        render_trainjob(settings, f"{tmp_path}/runs/r1", TINY)
+    with pytest.raises(ValueError, match="base_model /elsewhere/m is not on the workspace volume"):
+        render_trainjob(settings, f"{tmp_path}/runs/r1", dict(TINY, batch_size=3), base_model="/elsewhere/m")
