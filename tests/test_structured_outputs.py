@@ -181,6 +181,8 @@ def test_constrained_and_free_requests_share_a_batch(server, client):
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar", "undefined_rule"),
         ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+        ({"structured_outputs": {"grammar": "%%%% @@@ ::= ::="}}, "structured_outputs.grammar", "invalid grammar"),  # GBNF llguidance cannot read
+        ({"guided_json": {"$ref": "#"}}, "guided_json", "cannot be compiled"),  # fails only at the first mask
         ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice", "one output constraint"),
         ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "structured outputs"),
     ],
@@ -191,6 +193,15 @@ def test_constraints_the_engine_cannot_honour_are_400(server, body, param, words
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == param and words in error["message"], error
+    assert httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
+
+
+def test_a_grammar_that_fails_while_generating_is_a_400_for_that_request_only(server):
+    """llguidance finds this regex's lexer too large only when it consumes a token: after the request was admitted."""
+    body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 8, "temperature": 0, "guided_regex": "a{1000}{1000}"}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and "the regex in 'guided_regex' failed at token" in r.json()["error"]["message"], r.text
+    assert "<state>" not in r.text  # the first line of llguidance's error, not its parser dump
     assert httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
 
 

@@ -52,6 +52,11 @@ class RequestTimeout(EngineError):
     """The request ran past ``--request_timeout``."""
 
 
+class GrammarFailed(EngineError):
+    """The request's own output constraint failed while generating (llguidance found its lexer too large only once a
+    token was consumed, say): the request's fault, a 400, and no other request is touched."""
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 16
@@ -345,8 +350,11 @@ class Engine:
         finished = []
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, StepOutput | BaseException]]] = {}
         for seq, token, logprob in zip(batch, tokens, logprobs):
-            if seq.matcher is not None and not seq.matcher.advance(token):  # cannot happen with the mask; fail this one only
-                by_loop.setdefault(seq.loop, []).append((seq, EngineError(f"token {token} broke the output's grammar: {seq.matcher.error}")))
+            # The request's grammar failed (computing its mask, or on its own token): fail this one only.
+            if seq.matcher is not None and (seq.matcher.error is not None or not seq.matcher.advance(token)):
+                spec = seq.request.params.structured
+                failed = GrammarFailed(f"the {spec.kind} in '{spec.param}' failed at token {token}: {seq.matcher.error}")
+                by_loop.setdefault(seq.loop, []).append((seq, failed))
                 finished.append(seq)
                 continue
             out = self._advance(seq, token, logprob, now)

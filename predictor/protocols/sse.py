@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
-from ..engine import EngineError, RequestTimeout
+from ..engine import EngineError, GrammarFailed, RequestTimeout
 
 
 def sse(data: dict | str) -> str:
@@ -15,7 +15,9 @@ def sse(data: dict | str) -> str:
 
 
 def error_status(exc: EngineError) -> int:
-    """504 for a request past ``--request_timeout``; 503 for shutdown or an engine failure."""
+    """504 for a request past ``--request_timeout``; 400 for its own grammar failing; 503 for shutdown or an engine failure."""
+    if isinstance(exc, GrammarFailed):
+        return 400
     return 504 if isinstance(exc, RequestTimeout) else 503
 
 
