@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     """KServe's ModelServer parser (``--model_name``, ``--http_port``, ``--grpc_port``, ``--workers``...) extended."""
     from kserve.model_server import parser as kserve_parser
 
+    from .protocols.tool_calls import PARSERS
+
     parser = argparse.ArgumentParser(
         prog="python -m predictor",
         parents=[kserve_parser],
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tool_call_parser",
         default="auto",
-        choices=["auto", "hermes", "llama3_json"],
+        choices=["auto", *PARSERS],
         help="How chat answers with tool_choice auto become tool_calls: hermes (<tool_call>{...}</tool_call>), "
         'llama3_json ({"name": ..., "parameters": ...}); auto: from the chat template\'s text.',
     )

@@ -202,10 +202,6 @@ class LoRAContext:
         self.mask = (self.column_slot[None, self.lo : self.hi] == slots[:, None]).to(device=device, dtype=dtype)
         self.kept_mask = self.mask[keep.cpu()] if keep is not None else None
 
-    def clear(self) -> None:
-        self.active = False
-        self.mask = self.kept_mask = None
-
 
 class LoRALinear(nn.Module):
     """``base(x) + ((x @ Aᵀ) ⊙ M) @ B``: each token gets its own row's adapter (see the module docstring).
@@ -255,10 +251,9 @@ class LoRAManager:
     """The registered adapters, the ``max_loras`` slots and which adapter each holds. Engine thread only
     (``acquire``/``release`` are called by the scheduler under the engine's lock)."""
 
-    def __init__(self, adapters: list[LoRAAdapter], max_loras: int, max_rank: int):
+    def __init__(self, adapters: list[LoRAAdapter], max_loras: int):
         self.adapters = {a.name: a for a in adapters}
         self.max_loras = max_loras
-        self.max_rank = max_rank
         self.rank = max(a.rank for a in adapters)
         self.context = LoRAContext(max_loras, self.rank)
         self.modules: dict[str, LoRALinear] = {}
@@ -269,7 +264,7 @@ class LoRAManager:
 
     @classmethod
     def load(cls, modules: list[tuple[str, Path]], model: nn.Module, max_loras: int, max_rank: int) -> LoRAManager:
-        return cls([load_adapter(name, path, model, max_rank) for name, path in modules], max_loras, max_rank)
+        return cls([load_adapter(name, path, model, max_rank) for name, path in modules], max_loras)
 
     def attach(self, model: nn.Module) -> int:
         """Wrap every projection some adapter targets (before packing); fill the slots if all adapters fit."""
