@@ -125,6 +125,15 @@ class Generation:
         """The LoRA adapters served beside the base model (``--lora_modules``), by name."""
         return self.engine.lora.adapters if self.engine.lora is not None else {}
 
+    def adapter_for(self, model: str, served_name: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names, None for the base model (``served_name``); any other name is a 404."""
+        if model == served_name:
+            return None
+        if model not in self.lora_adapters:
+            served = ", ".join(f"'{n}'" for n in [served_name, *self.lora_adapters])
+            raise InvalidRequest(f"the model '{model}' does not exist; this server serves {served}", param="model", status=404, code="model_not_found")
+        return model
+
     def request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False, lora: str | None = None) -> GenerationRequest:
         params.validate(self.loaded.vocab_size)
         if lora is not None and lora not in self.lora_adapters:

@@ -276,16 +276,35 @@ def test_auto_tool_choice_answers_well_shaped(client):
         assert content == choice.message.content
 
 
-def test_conversation_with_a_tool_result_continues(client):
+def test_conversation_with_a_tool_result_continues(tool_server, client):
+    """The answer is generated after the whole history, the tool's result included (the prompt /tokenize renders)."""
+    prompt = httpx.post(f"{tool_server.url}/tokenize", json={"messages": HISTORY, "tools": TOOLS}, timeout=30).json()["count"]
     r = client.chat.completions.create(model=MODEL_NAME, messages=HISTORY, tools=TOOLS, max_tokens=8, temperature=0)
-    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.usage.prompt_tokens == prompt and r.usage.completion_tokens >= 1
     r = client.chat.completions.create(model=MODEL_NAME, messages=HISTORY, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)
-    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    assert r.choices[0].message.tool_calls is None and r.usage.prompt_tokens == prompt
 
 
-def test_max_tokens_cut_of_a_constrained_call_is_length(client):
-    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=3, temperature=0)
-    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
+@pytest.mark.parametrize("max_tokens", [3, 8])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_max_tokens_cut_of_a_constrained_call_is_length_streamed_or_not(client, choice, max_tokens):
+    """Cut by max_tokens, a call is returned as far as it got, with ``length``, the same streamed or not (as OpenAI)."""
+    args = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice=choice, max_tokens=max_tokens, temperature=0)
+    whole = client.chat.completions.create(**args).choices[0]
+    assert whole.finish_reason == "length"
+    calls: dict[int, dict] = {}
+    finish = None
+    for event in client.chat.completions.create(**args, stream=True):
+        delta = event.choices[0].delta
+        finish = event.choices[0].finish_reason or finish
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += (d.function.name or "") if d.function else ""
+            call["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert finish == "length"
+    assert [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls or []] == [calls[i] for i in sorted(calls)]
+    if isinstance(choice, dict):  # a named call begins with its first token (required writes `[{"name": ...` first)
+        assert calls and calls[0]["name"] == "add" and calls[0]["arguments"], calls
 
 
 @pytest.mark.parametrize(
@@ -301,6 +320,14 @@ def test_max_tokens_cut_of_a_constrained_call_is_length(client):
             {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "add", "arguments": "{oops"}}]}]},
             "messages.0.tool_calls.0.function.arguments",
         ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "add", "arguments": "[1]"}}]}]},
+            "messages.0.tool_calls.0.function.arguments",  # JSON, but not an object
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "3"}]}, "messages.1"),  # no tool_call_id
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": [{"id": "c", "function": {"name": "add", "arguments": "{}"}}]}]}, "messages.0"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools.0.function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools.0.function.parameters"),
     ],
 )
 def test_bad_tool_requests_are_400(tool_server, body, param):

@@ -155,7 +155,7 @@ def _grammar_text(spec: GrammarSpec) -> str:
 
     if spec.kind == "json_schema":
         schema = json.loads(spec.source)
-        _check_schema(schema)
+        check_schema(schema)
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if spec.kind == "regex":
         return LLMatcher.grammar_from_regex(spec.source)
@@ -172,7 +172,7 @@ def _grammar_text(spec: GrammarSpec) -> str:
     raise ValueError(f"unknown grammar kind {spec.kind!r}")
 
 
-def _check_schema(schema) -> None:
+def check_schema(schema) -> None:
     """A JSON schema must itself be valid (draft 2020-12 unless it says otherwise)."""
     import jsonschema
 

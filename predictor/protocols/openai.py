@@ -43,14 +43,11 @@ class OpenAIRoutes:
 
     def _check_model(self, name: str) -> None:
         """``model`` names the served model or one of its LoRA adapters (``--lora_modules``); anything else is a 404."""
-        if name != self.model_name and name not in self.gen.lora_adapters:
-            served = ", ".join(f"'{n}'" for n in [self.model_name, *self.gen.lora_adapters])
-            message = f"the model '{name}' does not exist; this server serves {served}"
-            raise InvalidRequest(message, param="model", status=404, code="model_not_found")
+        self.gen.adapter_for(name, self.model_name)
 
     def _lora(self, name: str) -> str | None:
         """The LoRA adapter a request's ``model`` names, or None for the base model."""
-        return None if name == self.model_name else name
+        return self.gen.adapter_for(name, self.model_name)
 
     async def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm", "max_model_len": self.gen.loaded.max_model_len}
@@ -179,11 +176,11 @@ class OpenAIRoutes:
         for (index, _), done in zip(jobs, results):
             message: dict[str, Any] = {"role": "assistant", "content": done.text}
             finish_reason = done.finish_reason
-            if tool_mode is not None and finish_reason != "length":  # a call cut by max_tokens stays text
+            if tool_mode is not None:  # as the stream does: a call cut by max_tokens keeps its partial arguments, and "length"
                 content, calls = tool_calls.parse_text(self._tool_parser(tool_mode), done.text)
                 if calls:
                     message = {"role": "assistant", "content": content, "tool_calls": calls}
-                    finish_reason = "tool_calls"
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             logprobs_out = {"content": self._chat_logprobs(done.logprobs)} if body.logprobs else None
             choices.append({"index": index, "message": message, "logprobs": logprobs_out, "finish_reason": finish_reason})
         return {

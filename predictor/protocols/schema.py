@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..sampling import GrammarSpec, InvalidRequest, SamplingParams
 
@@ -193,6 +193,17 @@ class FunctionCall(_Strict):
     name: str
     arguments: str  # a JSON object, as text
 
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, value: str) -> str:
+        try:
+            decoded = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"arguments must be a JSON object, as text: {exc}") from None
+        if not isinstance(decoded, dict):
+            raise ValueError(f"arguments must be a JSON object, as text; got {value[:80]!r}")
+        return value
+
 
 class ToolCall(_Strict):
     id: str
@@ -207,6 +218,14 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
     tool_call_id: str | None = None  # tool messages: the call this is the result of
 
+    @model_validator(mode="after")
+    def _tool_fields_on_their_roles(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role} messages")
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
@@ -218,6 +237,19 @@ class FunctionDefinition(_Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Checked whatever tool_choice says: the same tools are valid or not for every choice."""
+        if value is None:
+            return value
+        from ..engine.structured import check_schema
+
+        if value.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON schema of an object (the arguments); got type {value.get('type')!r}")
+        check_schema(value)
+        return value
 
 
 class Tool(_Strict):

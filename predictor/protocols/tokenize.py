@@ -36,9 +36,8 @@ class TokenizeRoutes:
         self.gen = generation
 
     def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name and name not in self.gen.lora_adapters:  # adapters share the tokenizer
-            message = f"the model '{name}' does not exist; this server serves '{self.model_name}'"
-            raise InvalidRequest(message, param="model", status=404, code="model_not_found")
+        if name is not None:  # the base model or an adapter: they share the tokenizer
+            self.gen.adapter_for(name, self.model_name)
 
     async def tokenize(self, request: Request) -> dict:
         body = parse(TokenizeRequest, await request.body())

@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sampling import GrammarSpec, InvalidRequest
+from ..sampling import GrammarSpec
 from .schema import ChatMessage, Tool, closed, json_schema_spec
 
 PARSERS = ("hermes", "llama3_json")
@@ -72,7 +72,7 @@ def prompt_messages(messages: list[ChatMessage], tools: list[Tool], template: st
     """The messages (and tools) to render with ``template``: (messages, tools for ``apply_chat_template`` or None)."""
     native = template_supports_tools(template)
     out: list[dict] = []
-    for i, m in enumerate(messages):
+    for m in messages:
         text = m.text()
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": text}
         if m.tool_calls:
@@ -80,9 +80,9 @@ def prompt_messages(messages: list[ChatMessage], tools: list[Tool], template: st
                 {
                     "id": c.id,
                     "type": "function",
-                    "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments, f"messages.{i}.tool_calls.{j}.function.arguments")},
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},  # an object: checked by the schema
                 }
-                for j, c in enumerate(m.tool_calls)
+                for c in m.tool_calls
             ]
             if native:
                 message["tool_calls"] = calls
@@ -110,13 +110,6 @@ def prompt_messages(messages: list[ChatMessage], tools: list[Tool], template: st
     else:
         out.insert(0, {"role": "system", "content": described})
     return out, None
-
-
-def _arguments(text: str, param: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise InvalidRequest(f"'{param}' is not valid JSON: {text[:80]!r}", param=param) from None
 
 
 # ---- constrained modes -----------------------------------------------------------------------------
