@@ -147,7 +147,9 @@ def test_security_defaults_inside_the_custom_resources(values):
             ["-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "deploymentMode=Knative", "--set", "autoscaling.mode=kpa"],
             "kind=LLMInferenceService has no Knative mode",
         ),
-        (["--set", "kind=LLMInferenceService"], "llmisvc.tls=true needs engine=vllm"),
+        (["--set", "kind=LLMInferenceService", "--set", "llmisvc.tls=true"], "llmisvc.tls=true needs engine=vllm"),
+        (["--set", "kind=LLMInferenceService", "--set", "canaryTrafficPercent=10"], "LLMInferenceService has no canary"),
+        (["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "multiNode.pipelineParallelSize=1"], "must be at least 2"),
         (["-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "llmisvc.prefill.enabled=true"], "llmisvc.prefill.enabled needs engine=vllm"),
         (
             ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "kind=LLMInferenceService", "--set", "llmisvc.prefill.enabled=true"],
@@ -156,7 +158,7 @@ def test_security_defaults_inside_the_custom_resources(values):
         (["--set", "engine=sglang"], "engine"),
         (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "lora.adapters[1].name=sql"], "the name sql appears twice"),
         (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "lora.adapters[0].name=base"], "the name base is model.name"),
-        (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "kind=LLMInferenceService", "--set", "llmisvc.tls=false"], "needs engine=vllm"),
+        (["-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "kind=LLMInferenceService"], "needs engine=vllm"),
         (
             ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "lora.adapters[0].name=a", "--set", "lora.adapters[0].storageUri=s3://a"],
             "lora.adapters with multiNode",

@@ -50,9 +50,17 @@ Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
 {{- if eq .Values.kind "LLMInferenceService" -}}8000{{- else -}}8080{{- end -}}
 {{- end -}}
 
-{{/* http, or https when an LLMInferenceService serves with KServe's self-signed certificate (llmisvc.tls). */}}
+{{/* "true" when an LLMInferenceService serves HTTPS with KServe's self-signed certificate: llmisvc.tls, which when
+unset (null) follows the engine (vLLM serves HTTPS as KServe's presets do; this predictor plain HTTP). */}}
+{{- define "kserve-llm.tls" -}}
+{{- $tls := .Values.llmisvc.tls -}}
+{{- if kindIs "invalid" $tls -}}{{- $tls = eq .Values.engine "vllm" -}}{{- end -}}
+{{- if and (eq .Values.kind "LLMInferenceService") $tls -}}true{{- end -}}
+{{- end -}}
+
+{{/* http, or https (kserve-llm.tls). */}}
 {{- define "kserve-llm.scheme" -}}
-{{- if and (eq .Values.kind "LLMInferenceService") .Values.llmisvc.tls -}}https{{- else -}}http{{- end -}}
+{{- if include "kserve-llm.tls" . -}}https{{- else -}}http{{- end -}}
 {{- end -}}
 
 {{- define "kserve-llm.runtimeName" -}}
@@ -77,10 +85,13 @@ Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
 {{- if and (ne $a.mode "none") (eq (int $a.minReplicas) 0) (not (has $a.mode (list "kpa" "keda"))) -}}
 {{- fail "scale-to-zero (minReplicas 0) needs autoscaling.mode kpa or keda" -}}
 {{- end -}}
+{{- $llmisvc := eq .Values.kind "LLMInferenceService" -}}
+{{- if and (not (kindIs "invalid" .Values.canaryTrafficPercent)) $llmisvc -}}
+{{- fail "canaryTrafficPercent is a Knative InferenceService feature: kind=LLMInferenceService has no canary revisions (roll out a second release behind the router instead)" -}}
+{{- end -}}
 {{- if and (not (kindIs "invalid" .Values.canaryTrafficPercent)) (ne .Values.deploymentMode "Knative") -}}
 {{- fail "canaryTrafficPercent needs deploymentMode=Knative" -}}
 {{- end -}}
-{{- $llmisvc := eq .Values.kind "LLMInferenceService" -}}
 {{- $mn := .Values.multiNode -}}
 {{- if $mn.enabled -}}
 {{- if ne $a.mode "none" -}}
@@ -101,6 +112,9 @@ Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
 {{- if gt (int $mn.tensorParallelSize) (int .Values.gpu.count) -}}
 {{- fail (printf "multiNode.tensorParallelSize (%v) exceeds gpu.count (%v), the GPUs per pod: a tensor-parallel group must fit in one pod; span pods with multiNode.pipelineParallelSize" $mn.tensorParallelSize .Values.gpu.count) -}}
 {{- end -}}
+{{- if lt (int $mn.pipelineParallelSize) 2 -}}
+{{- fail (printf "multiNode.pipelineParallelSize (%v) must be at least 2, the pods of one replica: a model that fits one pod needs no multiNode (tensor parallel over gpu.count)" $mn.pipelineParallelSize) -}}
+{{- end -}}
 {{- if gt (int $a.minReplicas) 1 -}}
 {{- fail (printf "multiNode.enabled serves one replica (one Ray head and its workers): set autoscaling.minReplicas=1 (got %v)" $a.minReplicas) -}}
 {{- end -}}
@@ -112,7 +126,7 @@ Service, InferencePool and scheduler target) in an LLMInferenceService. */}}
 {{- if has $a.mode (list "hpa" "kpa") -}}
 {{- fail (printf "kind=LLMInferenceService scales with autoscaling.mode=keda (rendered as its spec.scaling.keda) or none; autoscaling.mode=%s is not supported" $a.mode) -}}
 {{- end -}}
-{{- if and .Values.llmisvc.tls (ne .Values.engine "vllm") -}}
+{{- if and (include "kserve-llm.tls" .) (ne .Values.engine "vllm") -}}
 {{- fail "llmisvc.tls=true needs engine=vllm: this predictor serves plain HTTP; set llmisvc.tls=false" -}}
 {{- end -}}
 {{- if .Values.llmisvc.prefill.enabled -}}
@@ -429,7 +443,7 @@ merges it over its LLMInferenceServiceConfig presets by name (main), so command 
 {{- define "kserve-llm.llmisvcContainer" -}}
 {{- $v := .root.Values -}}
 {{- $vllm := eq $v.engine "vllm" -}}
-{{- $tls := and $vllm $v.llmisvc.tls -}}
+{{- $tls := and $vllm (include "kserve-llm.tls" .root) -}}
 - name: main
   image: {{ include "kserve-llm.image" .root | quote }}
   imagePullPolicy: {{ ternary $v.vllm.image.pullPolicy $v.image.pullPolicy $vllm }}
