@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -231,8 +232,11 @@ def _run(job: dict, cluster: Cluster, timeout_s: float, poll_s: float, log) -> d
 
 
 def namespace_of_this_pod(default: str = "default") -> str:
-    """The namespace the step runs in (its service account's), where its TrainJob goes; ``default`` outside a pod."""
+    """The namespace the step runs in, where its TrainJob goes: ``$POD_NAMESPACE`` (the downward API), else its service
+    account's; ``default`` outside a pod."""
     path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
     return path.read_text().strip() if path.is_file() else default
 
 
@@ -281,4 +285,8 @@ def train_with_trainjob(
     if not (model / "training.json").is_file():
         raise TrainJobError(f"TrainJob {settings.namespace}/{settings.name} completed but wrote no model at {model}")
     shutil.copytree(model, output_dir, dirs_exist_ok=True)
+    # The model stays on the volume (a retry of this step reuses the completed job and copies it again); the staged
+    # dataset and the checkpoint only served the job.
+    shutil.rmtree(staged, ignore_errors=True)
+    (stage / "train.pt").unlink(missing_ok=True)
     return json.loads((model / "training.json").read_text())

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny model built by the project's own training code, and the real server on loopback."""
+"""Shared fixtures: a tiny model built by the project's own training code, a small prepared dataset, and the real server on loopback."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ from predictor.launch import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny"
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A prepared dataset (``pipelines.dataset``) of 40 lines of the demo corpus, a 300-token BPE: (directory, info).
+    Read-only for the tests that share it."""
+    from pipelines.corpus import demo_corpus
+    from pipelines.dataset import prepare
+
+    out = tmp_path_factory.mktemp("small-dataset")
+    return out, prepare(demo_corpus()[:40], out, vocab_size=300)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ base model's) blocks to another; adapters that do not fit the base model are ref
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import openai
 import pytest
 import torch
 from conftest import REPO, start_server, stop_server
-from test_model_families import build_model, greedy_texts, metric
+from test_model_families import build_model, complete, greedy_texts, metric, token_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from predictor.engine.lora import LoRAError, LoRAManager
@@ -53,26 +52,6 @@ def merged_reference(base_dir: Path, adapter: Path | None, prompts: list[list[in
     return greedy_texts(model, AutoTokenizer.from_pretrained(base_dir), prompts, max_tokens)
 
 
-def complete(url: str, jobs: list[tuple[str, list[int]]], together: bool = True, max_tokens: int = MAX_TOKENS) -> list[str]:
-    """(model, prompt) pairs through the OpenAI SDK, greedy: all at once, or one after another."""
-
-    async def run() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-        async def one(model: str, ids: list[int]) -> str:
-            r = await client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
-            return r.choices[0].text
-
-        try:
-            if together:
-                return list(await asyncio.gather(*(one(m, p) for m, p in jobs)))
-            return [await one(m, p) for m, p in jobs]
-        finally:
-            await client.close()
-
-    return asyncio.run(run())
-
-
 def start_and_compute(model_dir: Path, tmp: Path, args: list[str], compute):
     """Start the server and, while it boots (a child process), compute the reference outputs here."""
     with ThreadPoolExecutor(1) as pool:
@@ -82,11 +61,6 @@ def start_and_compute(model_dir: Path, tmp: Path, args: list[str], compute):
         finally:
             server = booting.result()
     return server, expected
-
-
-def prompts_of(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +81,8 @@ def llama(root, tiny_model_dir) -> dict:
 
 def test_rows_of_one_batch_use_their_own_adapters_and_match_merged_generate(llama, tmp_path):
     base = llama["base"]
-    prompts = prompts_of([3, 11, 20, 37], llama["vocab"], seed=3)
-    shared = prompts_of([40], llama["vocab"], seed=4)[0]  # 2 full blocks: the prefix cache's unit
+    prompts = token_prompts(llama["vocab"], [3, 11, 20, 37], seed=3)
+    shared = token_prompts(llama["vocab"], [40], seed=4)[0]  # 2 full blocks: the prefix cache's unit
     args = ["--lora_modules", f"a={llama['a']}", f"b={llama['b']}", "--max_loras", "2", "--max_num_seqs", "12"]
     server, expected = start_and_compute(
         base, tmp_path, args, lambda: {m: merged_reference(base, None if m == "m" else llama[m], prompts + [shared]) for m in ("m", "a", "b")}
@@ -119,12 +93,12 @@ def test_rows_of_one_batch_use_their_own_adapters_and_match_merged_generate(llam
         assert "LoRA: 2 adapters (rank ≤ 8) on 15 projections, 2 slots" in log and "oneDNN-packed projections: 15" in log
         # base, a and b interleaved, all at once: one batch holds rows of all three
         jobs = [(m, p) for p in prompts for m in ("m", "a", "b")]
-        got = complete(server.url, jobs, together=True)
+        got = complete(server.url, jobs, MAX_TOKENS)
         assert got == [expected[m][prompts.index(p)] for m, p in jobs]
         # prefix caching: the same 40-token prompt for base, then a, then b, then base again
         before = metric(server.url, "vllm:prefix_cache_hits_total")
         order = ["m", "a", "b", "m", "a"]
-        assert complete(server.url, [(m, shared) for m in order], together=False) == [expected[m][-1] for m in order]
+        assert complete(server.url, [(m, shared) for m in order], MAX_TOKENS, together=False) == [expected[m][-1] for m in order]
         assert metric(server.url, "vllm:prefix_cache_hits_total") - before == 2 * 32  # only the repeats hit, each its own blocks
 
         models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
@@ -152,7 +126,7 @@ def test_fewer_slots_than_adapters_swaps_them_and_outputs_stay_exact(root, tiny_
     base = build_model("gpt2", root / "gpt2", tiny_model_dir)
     a = make_adapter(base, root / "gpt2-a", rank=4, targets=["c_attn", "c_proj", "c_fc"], seed=5, fan_in_fan_out=True)
     b = make_adapter(base, root / "gpt2-b", rank=2, targets=["c_attn"], seed=6, fan_in_fan_out=True)
-    prompts = prompts_of([5, 18, 33], AutoTokenizer.from_pretrained(base).vocab_size, seed=7)
+    prompts = token_prompts(AutoTokenizer.from_pretrained(base).vocab_size, [5, 18, 33], seed=7)
     server, expected = start_and_compute(
         base,
         tmp_path,
@@ -162,7 +136,7 @@ def test_fewer_slots_than_adapters_swaps_them_and_outputs_stay_exact(root, tiny_
     try:
         assert expected["a"] != expected["m"] != expected["b"] != expected["a"]
         jobs = [(m, p) for m in ("a", "b", "m", "b", "a") for p in prompts]
-        assert complete(server.url, jobs, together=True) == [expected[m][prompts.index(p)] for m, p in jobs]
+        assert complete(server.url, jobs, MAX_TOKENS) == [expected[m][prompts.index(p)] for m, p in jobs]
         log = server.read_log()
         assert log.count("loaded into slot 1 of 1") >= 2, "both adapters went through the one slot"
     finally:

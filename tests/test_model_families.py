@@ -60,9 +60,10 @@ def build_model(kind: str, path: Path, tokenizer_dir: Path, seed: int = 0, **ove
     return path
 
 
-def token_prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+def token_prompts(vocab: int, lengths: list[int] = PROMPT_LENGTHS, seed: int = 1) -> list[list[int]]:
+    """Random token-id prompts of the given lengths (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[str]:
@@ -84,20 +85,22 @@ def greedy_texts(model, tokenizer, prompts: list[list[int]], max_tokens: int = M
     return out
 
 
-def complete(url: str, prompts: list[list[int]], max_tokens: int = MAX_TOKENS, together: bool = True) -> list[str]:
-    """Greedy completions through the OpenAI SDK: concurrently (``together``) or one after another."""
+def complete(url: str, prompts: list, max_tokens: int = MAX_TOKENS, together: bool = True, model: str = "m") -> list[str]:
+    """Greedy completions through the OpenAI SDK: concurrently (``together``) or one after another. A prompt is token
+    ids for ``model``, or a ``(model, ids)`` pair (the base model or a LoRA adapter)."""
+    jobs = [p if isinstance(p, tuple) else (model, p) for p in prompts]
 
     async def run() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
-        async def one(ids: list[int]) -> str:
-            r = await client.completions.create(model="m", prompt=ids, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+        async def one(name: str, ids: list[int]) -> str:
+            r = await client.completions.create(model=name, prompt=ids, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
             return r.choices[0].text
 
         try:
             if together:
-                return list(await asyncio.gather(*(one(p) for p in prompts)))
-            return [await one(p) for p in prompts]
+                return list(await asyncio.gather(*(one(m, p) for m, p in jobs)))
+            return [await one(m, p) for m, p in jobs]
         finally:
             await client.close()
 

@@ -22,10 +22,8 @@ SMALL = dict(n_layer=1, n_embd=32, n_head=2, n_positions=32, seq_len=32, batch_s
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dataset")
-    info = prepare(demo_corpus()[:40], out, vocab_size=300)
-    return out, info
+def dataset(small_dataset):
+    return small_dataset
 
 
 def test_prepare_writes_tokenizer_splits_and_ids(dataset):

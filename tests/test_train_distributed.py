@@ -23,8 +23,6 @@ from transformers import AutoModelForCausalLM
 
 from pipelines import train as train_module
 from pipelines.__main__ import main
-from pipelines.corpus import demo_corpus
-from pipelines.dataset import prepare
 from pipelines.distributed import rows_per_rank
 from pipelines.train import TrainConfig, train_on_dataset
 from predictor.launch import free_port
@@ -62,10 +60,8 @@ KILLED = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dataset")
-    prepare(demo_corpus()[:40], out, vocab_size=300)
-    return out
+def dataset(small_dataset):
+    return small_dataset[0]
 
 
 @pytest.fixture(scope="module")

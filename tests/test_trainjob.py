@@ -18,8 +18,6 @@ from fake_kube_api import FakeKubeAPI
 from test_chart import require_crds, validate
 
 from pipelines.__main__ import main
-from pipelines.corpus import demo_corpus
-from pipelines.dataset import prepare
 from pipelines.kube import Cluster
 from pipelines.trainjob import TrainJobError, TrainJobSettings, job_name, render_trainjob, run_trainjob, train_with_trainjob
 
@@ -70,9 +68,8 @@ def test_render_trainjob_cli_prints_a_valid_trainjob_and_names_bad_settings(caps
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_train_step_on_a_trainjob_runs_torchrun_and_brings_the_model_back(fake_kube, tmp_path):
-    dataset = tmp_path / "dataset"
-    prepare(demo_corpus()[:40], dataset, vocab_size=300)
+def test_train_step_on_a_trainjob_runs_torchrun_and_brings_the_model_back(fake_kube, small_dataset, tmp_path):
+    dataset = small_dataset[0]
     workspace = tmp_path / "workspace"
     settings = TrainJobSettings(name=job_name("run-1"), namespace="ml", num_nodes=2, gpus_per_node=0, workspace_path=str(workspace))
     report = train_with_trainjob(dataset, tmp_path / "model", settings, "run-1", TINY, cluster=fake_kube.cluster, poll_s=0.2, timeout_s=300, log=lambda *_: None)
@@ -80,6 +77,8 @@ def test_train_step_on_a_trainjob_runs_torchrun_and_brings_the_model_back(fake_k
     assert report["steps"] == 4, fake_kube.logs.get(key)
     assert '"world_size": 2' in fake_kube.logs[key], "torchrun ran two processes (numNodes x numProcPerNode)"
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "training.json").is_file()
+    stage = next((workspace / "runs").iterdir())
+    assert sorted(p.name for p in stage.iterdir()) == ["model"]  # staged dataset and checkpoint removed, the model kept
     assert [r["verb"] for r in fake_kube.requests if r["method"] != "GET"] == ["create"]
     # A retry of the step finds the completed job and does not train again.
     again = train_with_trainjob(dataset, tmp_path / "model2", settings, "run-1", TINY, cluster=fake_kube.cluster, poll_s=0.2, log=lambda *_: None)
