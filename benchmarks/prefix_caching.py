@@ -46,7 +46,7 @@ async def ttfts(url: str, system: str, clients: int) -> list[float]:
         async for chunk in stream:  # the first chunk carries only the role: wait for the first text
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - start
-        return first
+        return first if first is not None else time.perf_counter() - start  # no text at all: the whole answer's time
 
     await one("What is this about?")  # fills the cache (with caching on)
     try:

@@ -177,6 +177,7 @@ def test_constrained_and_free_requests_share_a_batch(server, client):
         ),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "p"}}}, "response_format.json_schema", "schema"),
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+        ({"response_format": {"type": "json_object", "json_schema": {"name": "p", "schema": {}}}}, "response_format", "would be ignored"),
         ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs.regex", "regex"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar", "undefined_rule"),

@@ -63,7 +63,8 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             tokens = seq.tokens_to_prefill
-            seq.digests = block_hashes(tokens, bs, hash_seed(lora)) if self.prefix_caching else []
+            if self.prefix_caching and len(seq.digests) != len(tokens) // bs:  # once per block count, not every step it waits
+                seq.digests = block_hashes(tokens, bs, hash_seed(lora))
             reusable = [] if seq.needs_prompt_logits else seq.digests[: (len(tokens) - 1) // bs]
             hits, unused = self.allocator.cached_prefix(reusable)
             n = len(tokens) - hits * bs

@@ -78,6 +78,12 @@ class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
+    @model_validator(mode="after")
+    def _schema_only_with_its_type(self) -> ResponseFormat:
+        if self.json_schema is not None and self.type != "json_schema":
+            raise ValueError(f"json_schema is only read with type 'json_schema', not {self.type!r}: it would be ignored")
+        return self
+
 
 class StructuredOutputs(BaseModel):
     """vLLM's ``structured_outputs`` extra body: exactly one constraint."""

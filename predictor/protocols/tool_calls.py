@@ -58,7 +58,14 @@ For each function call, return a json object with function name and arguments wi
 
 
 def template_supports_tools(template: str) -> bool:
-    return "tools" in template
+    """Whether the chat template reads a ``tools`` variable (not merely the word in its text)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
+    except jinja2.TemplateSyntaxError:  # tags of transformers' own ({% generation %}): fall back to the text
+        return re.search(r"\btools\b", template) is not None
 
 
 def detect_parser(template: str) -> str:
