@@ -15,6 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny"
 
 
+def kill_training_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """``pipelines.train.optimizer_step`` raises KeyboardInterrupt at its ``step``-th call: a run killed mid-training
+    (``monkeypatch.undo()`` brings the real step back). The torchrun tests do the same in every rank's process."""
+    from pipelines import train
+
+    real_step, calls = train.optimizer_step, []
+
+    def dies(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "optimizer_step", dies)
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A prepared dataset (``pipelines.dataset``) of 40 lines of the demo corpus, a 300-token BPE: (directory, info).

@@ -9,11 +9,11 @@ import re
 
 import pytest
 import torch
+from conftest import kill_training_at_step
 from safetensors.torch import load_file
 from test_model_families import FAMILIES, build_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipelines import train as train_module
 from pipelines.corpus import demo_corpus, load_corpus
 from pipelines.dataset import load, prepare
 from pipelines.train import TrainConfig, held_out_loss, lora_targets, train_on_dataset, with_lora
@@ -60,21 +60,13 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(dataset
     config = dict(SMALL, checkpoint_every=4)
     straight = train_on_dataset(out, tmp_path / "straight", TrainConfig(**config), progress=False)
 
-    real_step, calls = train_module.optimizer_step, []
-
-    def dies_at_step_7(*args):
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt("killed")
-        return real_step(*args)
-
     checkpoint = tmp_path / "ckpt" / "train.pt"
     checkpoint.parent.mkdir()
-    monkeypatch.setattr(train_module, "optimizer_step", dies_at_step_7)
+    kill_training_at_step(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train_on_dataset(out, tmp_path / "killed", TrainConfig(**config), checkpoint=checkpoint, progress=False)
     assert torch.load(checkpoint, weights_only=True)["step"] == 4
-    monkeypatch.setattr(train_module, "optimizer_step", real_step)
+    monkeypatch.undo()
     resumed = train_on_dataset(out, tmp_path / "resumed", TrainConfig(**config), checkpoint=checkpoint, progress=False)
     assert resumed["train_loss"] == straight["train_loss"]
     a = (tmp_path / "straight" / "model.safetensors").read_bytes()

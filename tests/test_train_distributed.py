@@ -17,11 +17,10 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, kill_training_at_step
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipelines import train as train_module
 from pipelines.__main__ import main
 from pipelines.distributed import rows_per_rank
 from pipelines.train import TrainConfig, train_on_dataset
@@ -37,7 +36,7 @@ LOSS_TOL = 1.5e-4
 WEIGHT_TOL = 1e-4
 
 # torchrun runs this instead of `-m pipelines` for a run killed at its 5th step, after the checkpoint of step 3:
-# the approach of tests/test_train.py's resume test (optimizer_step raises), in every rank.
+# conftest.kill_training_at_step's approach (optimizer_step raises), in every rank's process.
 KILLED = textwrap.dedent(
     """
     import sys
@@ -125,16 +124,8 @@ def test_killed_fsdp_run_resumes_under_fsdp_and_in_one_process(dataset, single, 
 
 
 def test_a_one_process_checkpoint_resumes_under_ddp(dataset, single, tmp_path, monkeypatch):
-    real_step, calls = train_module.optimizer_step, []
-
-    def dies_at_step_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(*args)
-
     checkpoint = tmp_path / "one.pt"
-    monkeypatch.setattr(train_module, "optimizer_step", dies_at_step_5)
+    kill_training_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train_on_dataset(dataset, tmp_path / "killed", TrainConfig(**TINY), checkpoint=checkpoint, progress=False)
     monkeypatch.undo()
