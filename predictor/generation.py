@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from .engine import Engine, Sequence
+from .engine.stop_strings import stop_automaton
 from .engine.structured import GrammarCompiler
+from .errors import ClientDisconnected, InvalidRequest
 from .loading import LoadedModel
-from .sampling import GenerationRequest, InvalidRequest, SamplingParams, StepOutput, TokenLogprob
+from .request_context import current_request_id, current_trace_carrier
+from .sampling import GenerationRequest, SamplingParams, StepOutput, TokenLogprob
 
 # max_tokens when a non-chat request gives none (the OpenAI completions default).
 DEFAULT_MAX_TOKENS = 16
+# Stop strings up to this many characters in all are matched with an automaton built in place (well under a millisecond).
+SMALL_STOP_CHARS = 1024
 
 Disconnected = Callable[[], Awaitable[bool]]
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; its requests were cancelled."""
 
 
 @dataclass
@@ -53,6 +54,10 @@ class Generation:
     """The model's tokenizer and limits plus its engine: what every protocol adapter calls."""
 
     def __init__(self, loaded: LoadedModel, engine: Engine):
+        self.attach(loaded, engine)
+
+    def attach(self, loaded: LoadedModel, engine: Engine) -> None:
+        """Serve ``loaded`` through ``engine`` (again, after the model was unloaded and loaded: the routes keep this object)."""
         self.loaded = loaded
         self.engine = engine
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.vocab_size, loaded.eos_token_id)
@@ -122,8 +127,9 @@ class Generation:
 
     @property
     def lora_adapters(self) -> dict:
-        """The LoRA adapters served beside the base model (``--lora_modules``), by name."""
-        return self.engine.lora.adapters if self.engine.lora is not None else {}
+        """The LoRA adapters served beside the base model (``--lora_modules``, runtime loads), by name; not those unloading."""
+        lora = self.engine.lora
+        return {name: a for name, a in lora.adapters.items() if name not in lora.unloading} if lora is not None else {}
 
     def adapter_for(self, model: str, served_name: str) -> str | None:
         """The LoRA adapter a request's ``model`` names, None for the base model (``served_name``); any other name is a 404."""
@@ -134,30 +140,42 @@ class Generation:
             raise InvalidRequest(f"the model '{model}' does not exist; this server serves {served}", param="model", status=404, code="model_not_found")
         return model
 
-    def request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False, lora: str | None = None) -> GenerationRequest:
+    async def request(
+        self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False, lora: str | None = None, index: int = 0
+    ) -> GenerationRequest:
+        """The engine request for one sequence (choice ``index`` of the HTTP request): parameters checked, its output
+        grammar compiled (off the event loop; a bad one is a 400 before anything is queued)."""
         params.validate(self.loaded.vocab_size)
         if lora is not None and lora not in self.lora_adapters:
             raise InvalidRequest(f"the LoRA adapter '{lora}' does not exist", param="model", status=404, code="model_not_found")
         grammar = None
-        if params.structured is not None:  # compiled here, so a bad schema is a 400 before anything is queued
-            grammar = self.grammars.compile(params.structured, params.structured.param)
-        return GenerationRequest(uuid.uuid4().hex, prompt_ids, params, prompt_logprobs, grammar, lora)
+        if params.structured is not None:
+            grammar = await self.grammars.compile_async(params.structured, params.structured.param)
+        stops = None
+        if params.stop:  # a large set takes a while to build: never on the event loop, never on the engine thread
+            small = sum(map(len, params.stop)) <= SMALL_STOP_CHARS
+            stops = stop_automaton(tuple(params.stop)) if small else await asyncio.to_thread(stop_automaton, tuple(params.stop))
+        request_id = current_request_id() or uuid.uuid4().hex
+        return GenerationRequest(
+            request_id if index == 0 else f"{request_id}-{index}", prompt_ids, params, prompt_logprobs, grammar, lora, stops, current_trace_carrier()
+        )
 
-    def submit_all(self, requests: list[GenerationRequest]) -> list[Sequence]:
-        """Queue every request or none: if one is refused (queue full, shutting down), the rest are cancelled."""
-        seqs: list[Sequence] = []
-        try:
-            for request in requests:
-                seqs.append(self.engine.submit(request))
-        except Exception:
-            for seq in seqs:
-                seq.cancel()
-            raise
-        return seqs
+    def submit_all(self, requests: list[GenerationRequest], param: str = "n") -> list[Sequence]:
+        """Queue every request or none. More sequences than the server can ever hold at once is the client's error
+        (a 400 naming ``param`` and the limits: retrying cannot help); more than it holds now is ``QueueFull`` (429)."""
+        capacity = self.engine.capacity
+        if len(requests) > capacity:
+            config = self.engine.config
+            raise InvalidRequest(
+                f"this request needs {len(requests)} sequences (prompts × n) but the server holds at most {capacity} at once "
+                f"({config.max_num_seqs} running, --max_num_seqs, and {config.max_queue} waiting, --max_queue); send fewer per request",
+                param=param,
+            )
+        return self.engine.submit_all(requests)
 
-    async def complete_all(self, requests: list[GenerationRequest], disconnected: Disconnected | None = None) -> list[Completion]:
+    async def complete_all(self, requests: list[GenerationRequest], disconnected: Disconnected | None = None, param: str = "n") -> list[Completion]:
         """Run requests to the end. With ``disconnected``, a client that goes away cancels them within 0.2 s."""
-        seqs = self.submit_all(requests)
+        seqs = self.submit_all(requests, param)
 
         async def collect(seq: Sequence) -> Completion:
             completion = Completion(num_prompt_tokens=len(seq.request.prompt_ids))
@@ -176,7 +194,7 @@ class Generation:
                 if await disconnected():
                     for seq in seqs:
                         seq.cancel()
-                    raise ClientDisconnected()
+                    raise ClientDisconnected("client closed the request")
         finally:
             if not work.done():
                 work.cancel()

@@ -27,7 +27,17 @@ GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens generated.", ["mod
 SUCCESS = Counter("vllm:request_success", "Requests finished, by finish reason.", ["model_name", "finished_reason"])
 # vLLM's LoRA gauge: one series, the current time, labelled with the adapters running and waiting (comma-separated).
 LORA_INFO = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests.", ["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+# vLLM's cache configuration as an info gauge (value 1): llm-d's endpoint picker reads block_size and num_gpu_blocks from it.
+CACHE_CONFIG_INFO = Gauge(
+    "vllm:cache_config_info",
+    "Information of the KV cache configuration.",
+    ["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"],
+)
 REJECTED = Counter("kserve_llm:requests_rejected", "Requests refused with 429 because the waiting queue was full.", ["model_name"])
+STEP_FAILURES = Counter(
+    "kserve_llm:engine_step_failures", "Model forwards or engine steps that raised (their requests failed; several in a row kill the engine).", ["model_name"]
+)
+ENGINE_DEAD = Gauge("kserve_llm:engine_dead", "1 once the engine has died (the process is exiting for a restart).", ["model_name"])
 
 
 class EngineMetrics:
@@ -49,6 +59,8 @@ class EngineMetrics:
         self.prefix_cache_hits = PREFIX_CACHE_HITS.labels(**label)
         self.generation_tokens = GENERATION_TOKENS.labels(**label)
         self.rejected = REJECTED.labels(**label)
+        self.step_failures = STEP_FAILURES.labels(**label)
+        self.dead = ENGINE_DEAD.labels(**label)
         self._lora_labels: tuple[str, str, str] | None = None
 
     def lora_info(self, max_loras: int, running: set[str], waiting: set[str]) -> None:
@@ -60,6 +72,10 @@ class EngineMetrics:
             LORA_INFO.remove(*self._lora_labels)
         LORA_INFO.labels(*labels).set_to_current_time()
         self._lora_labels = labels
+
+    def cache_config(self, block_size: int, num_blocks: int, prefix_caching: bool, dtype: str) -> None:
+        """``vllm:cache_config_info`` (vLLM's label names; num_gpu_blocks is the pool's size on any device)."""
+        CACHE_CONFIG_INFO.labels(self.model_name, str(block_size), str(num_blocks), str(prefix_caching), dtype).set(1)
 
     def success(self, finished_reason: str) -> None:
         SUCCESS.labels(model_name=self.model_name, finished_reason=finished_reason).inc()

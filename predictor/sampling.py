@@ -10,19 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidRequest
+
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 4096  # characters of one stop string
+# Integers are 64-bit from the wire to the tensors: a larger seed or count is a 400 naming it, never an overflow in a step.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class InvalidRequest(ValueError):
-    """A client error: becomes a 4xx naming ``param`` in every protocol."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.code = code
+def seed_for_choice(seed: int, index: int) -> int:
+    """Choice ``index`` of a seeded request uses ``seed + index``, wrapped into the 64-bit range the generator takes."""
+    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ class SamplingParams:
         """Raise ``InvalidRequest`` naming the first out-of-range parameter."""
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "seed", f"must be a 64-bit integer, between {INT64_MIN} and {INT64_MAX}"),
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1 or 0 (disabled) or a positive integer"),
@@ -76,6 +76,7 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}"),
             (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (all(len(s) <= MAX_STOP_LENGTH for s in self.stop), "stop", f"stop strings must be at most {MAX_STOP_LENGTH} characters"),
             (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", f"token ids must be in [0, {vocab_size})"),
             (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias", "biases must be between -100 and 100"),
             (not (self.structured and self.ignore_eos), "ignore_eos", "cannot be combined with structured outputs (the grammar decides the end)"),
@@ -95,6 +96,8 @@ class GenerationRequest:
     prompt_logprobs: bool = False
     grammar: Any = None  # the compiled params.structured (engine.structured.Grammar), set by Generation.request
     lora: str | None = None  # a LoRA adapter's name (--lora_modules); None: the base model
+    stops: Any = None  # params.stop as an engine.stop_strings.StopAutomaton, built by Generation.request
+    trace_context: dict[str, str] | None = None  # the caller's W3C trace context (traceparent), for the request's span
 
 
 @dataclass

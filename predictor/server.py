@@ -8,19 +8,14 @@ KServe's REST and gRPC servers.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
-import signal
-from collections.abc import AsyncIterator
+import sys
 from pathlib import Path
-
-import kserve
-from fastapi.responses import JSONResponse
 
 DEFAULT_MODEL_DIR = "/mnt/models"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+API_KEY_ENV = "KSERVE_LLM_API_KEY"
 
 logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
 
@@ -65,6 +60,43 @@ def build_parser() -> argparse.ArgumentParser:
         "come from the model's generation_config.json where it sets them; none: OpenAI's defaults always.",
     )
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="Largest accepted HTTP request body; larger ones get 413.")
+    parser.add_argument(
+        "--body_read_timeout",
+        type=float,
+        default=30.0,
+        help="Seconds a request's body may take to arrive; past it, 408 and the connection is closed (0: no limit).",
+    )
+    security = parser.add_argument_group("security and observability")
+    security.add_argument(
+        "--api_key",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help=f"Require 'Authorization: Bearer <KEY>' (gRPC metadata 'authorization') on every route but health, readiness and "
+        f"/metrics; several keys may be given. Default: ${API_KEY_ENV} (comma-separated), else no key.",
+    )
+    security.add_argument(
+        "--enable_repository_routes",
+        action="store_true",
+        help="Serve the V2 model-repository routes (/v2/repository/models/NAME/load and /unload, gRPC RepositoryModelLoad/Unload); "
+        "off by default: an unload stops the model.",
+    )
+    security.add_argument(
+        "--otlp_traces_endpoint",
+        "--otlp-traces-endpoint",  # vLLM's spelling, which KServe's LLMInferenceService spec.tracing adds to the container
+        dest="otlp_traces_endpoint",
+        default=None,
+        metavar="URL",
+        help="Send an OpenTelemetry span per request over OTLP/HTTP to URL (e.g. http://collector:4318/v1/traces); "
+        "OTEL_SERVICE_NAME and OTEL_TRACES_SAMPLER apply.",
+    )
+    security.add_argument(
+        "--collect-detailed-traces",
+        dest="collect_detailed_traces",
+        default=None,
+        metavar="MODULES",
+        help="Accepted for KServe's LLMInferenceService spec.tracing, which adds vLLM's flag; the spans always carry the latencies.",
+    )
     parser.add_argument(
         "--tool_call_parser",
         default="auto",
@@ -115,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_loras", type=_positive, default=4, help="Adapters resident at once; more are loaded on demand, the least recently used idle one evicted."
     )
     lora.add_argument("--max_lora_rank", type=_positive, default=16, help="Highest adapter rank accepted; a higher one is refused at start-up.")
+    lora.add_argument(
+        "--enable_lora_runtime_updates",
+        action="store_true",
+        help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): adapters registered and removed while serving. "
+        "Every projection is wrapped at start-up with --max_loras slots of rank --max_lora_rank.",
+    )
     return parser
 
 
@@ -161,60 +199,22 @@ def resolve_model_dir(args: argparse.Namespace, explicit: bool) -> Path:
     return ensure_default_model()
 
 
-class DrainingModelServer(kserve.ModelServer):
-    """KServe's ModelServer with a graceful drain on SIGTERM/SIGINT.
-
-    At the signal: readiness turns false and new requests get 503 at once; accepted requests finish
-    (up to the grace period); then the HTTP and gRPC servers stop and the process exits 0.
-    """
-
-    def __init__(self, model, grace_period: float, **kwargs):
-        super().__init__(grace_period=int(grace_period), **kwargs)
-        self.model = model
-        self.drain_grace_period = grace_period
-        self.draining = False
-
-    def register_signal_handler(self) -> None:
-        """Replaced by ``lifespan``, which installs the handlers once the event loop serves."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app) -> AsyncIterator[None]:
-        """Install the drain on SIGTERM/SIGINT once uvicorn serves (it installs its own handlers first)."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda sig=sig: asyncio.ensure_future(self.drain(sig)))
-        logger.info("SIGTERM drains for up to %gs (--shutdown_grace_period)", self.drain_grace_period)
-        yield
-
-    async def ready(self) -> JSONResponse:
-        ready = self.model.ready and not self.draining
-        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
-
-    async def drain(self, sig: int) -> None:
-        if self.draining:
-            return
-        self.draining = True
-        logger.info("signal %d: draining (readiness false, new requests 503, up to %gs for requests in flight)", sig, self.drain_grace_period)
-        self.model.ready = False
-        engine = self.model.engine_handle
-        engine.begin_drain()
-        finished = await engine.wait_idle(self.drain_grace_period)
-        logger.info("drain %s; stopping servers", "complete" if finished else "timed out")
-        if self._grpc_server is not None:
-            await self._grpc_server.stop(sig)
-        if self._rest_server is not None:
-            self._rest_server._server.should_exit = True
-        self.model.stop()
+def api_keys_from(args: argparse.Namespace) -> list[str]:
+    """``--api_key`` values, else ``$KSERVE_LLM_API_KEY`` (one key, or several separated by commas)."""
+    keys = list(args.api_key or [])
+    if not keys:
+        keys = [key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",")]
+    return [key for key in keys if key]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kserve.model_server import app
-
     from .engine import EngineConfig
+    from .kserve_seam import PredictorModelServer, fastapi_app
     from .loading import ModelLoadError
     from .model import LLMModel
-    from .protocols import generate, openai, tokenize
-    from .protocols.errors import install_error_handlers
+    from .protocols import generate, lora_admin, openai, tokenize
+    from .protocols.middleware import ApiKeys
+    from .request_context import install_log_filter
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         from kserve.logging import configure_logging
 
         configure_logging(args.log_config_file)
-    raw = argv if argv is not None else os.sys.argv[1:]
+    install_log_filter()
+    raw = argv if argv is not None else sys.argv[1:]
     explicit = any(a == "--model_dir" or a.startswith("--model_dir=") for a in raw)
     try:
         model_dir = resolve_model_dir(args, explicit)
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         lora_modules=args.lora_modules,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        lora_runtime_updates=args.enable_lora_runtime_updates,
         engine_config=EngineConfig(
             max_num_seqs=args.max_num_seqs,
             max_queue=args.max_queue,
@@ -260,15 +262,28 @@ def main(argv: list[str] | None = None) -> None:
         model.load()
     except ModelLoadError as exc:
         parser.error(str(exc))
-    install_error_handlers(app, args.max_body_bytes)
+    tracer = None
+    if args.otlp_traces_endpoint:
+        from .tracing import RequestTracer
+
+        tracer = model.engine_handle.tracer = RequestTracer(args.otlp_traces_endpoint, args.model_name)
+        logger.info("OpenTelemetry: a span per request to %s (--otlp_traces_endpoint)", args.otlp_traces_endpoint)
+    keys = api_keys_from(args)
+    api_keys = ApiKeys(keys) if keys else None
+    logger.info("API keys: %s", f"{len(keys)} (--api_key / ${API_KEY_ENV})" if keys else "none: every route is open (--api_key)")
+    app = fastapi_app()
+    server = PredictorModelServer(model, args, api_keys, args.enable_repository_routes)
+    server.install_routes(app)  # before KServe's own routes, which the REST server adds at start
     openai_routes = openai.OpenAIRoutes(args.model_name, model.generation, tool_call_parser=args.tool_call_parser)
     logger.info("tool call parser: %s (--tool_call_parser %s)", openai_routes.tool_call_parser, args.tool_call_parser)
     openai.register(app, openai_routes)
     generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
     tokenize.register(app, tokenize.TokenizeRoutes(args.model_name, model.generation))
+    lora_admin.register(app, lora_admin.LoRARoutes(args.model_name, model.generation, args.enable_lora_runtime_updates, args.max_lora_rank))
     # KServe logs "OpenAI endpoints not registered" about its own vLLM-based routes; these are ours.
     logger.info("OpenAI routes on /v1 and /openai/v1; V2 generate on /v2/models/%s/generate[_stream]", args.model_name)
-    server = DrainingModelServer(model, args.shutdown_grace_period, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
-    app.add_api_route("/v2/health/ready", server.ready, methods=["GET"])  # before KServe's: false while draining
-    app.router.lifespan_context = server.lifespan
     server.start([model])
+    if tracer is not None:
+        tracer.shutdown()
+    if server.exit_code:
+        sys.exit(server.exit_code)

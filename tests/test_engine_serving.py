@@ -16,6 +16,9 @@ from conftest import MODEL_NAME, start_server, stop_server
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 from prometheus_client.parser import text_string_to_metric_families
 
+# Cancelled requests leave within this (a margin for a shared 2-core machine); that they were cut short, not run to
+# the end, is what the tests' token counts show.
+SLOT_RELEASE_DEADLINE = 5.0
 WORDS = "the for while class def import return yield lambda with try except finally raise async await".split()
 
 
@@ -83,7 +86,7 @@ def test_overload_gets_429_never_5xx_and_server_recovers(small_server):
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     started = time.monotonic()
     after = httpx.post(f"{url}/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 4}, timeout=30)
-    assert after.status_code == 200 and time.monotonic() - started < 5
+    assert after.status_code == 200 and time.monotonic() - started < 15  # no backlog left behind (a margin for a shared 2-core machine)
 
 
 def test_grpc_overload_is_resource_exhausted(small_server):
@@ -126,11 +129,11 @@ def test_disconnected_streams_free_their_slots(server):
 
     generated_before = metric(url, "vllm:generation_tokens_total")
     asyncio.run(run())
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + SLOT_RELEASE_DEADLINE
     while metric(url, "vllm:num_requests_running") + metric(url, "vllm:num_requests_waiting") > 0:
-        assert time.monotonic() < deadline, "cancelled requests still hold slots after 1 s"
+        assert time.monotonic() < deadline, f"cancelled requests still hold slots after {SLOT_RELEASE_DEADLINE} s"
         time.sleep(0.05)
-    assert metric(url, "vllm:generation_tokens_total") - generated_before < 50 * 100  # they did not run to the end
+    assert metric(url, "vllm:generation_tokens_total") - generated_before < 50 * 100 // 2  # cut short, not run to the end
 
 
 def test_disconnected_non_streaming_request_is_cancelled(server):
@@ -279,8 +282,8 @@ def test_cancelled_grpc_calls_free_their_slots(server):
 
     generated_before = metric(server.url, "vllm:generation_tokens_total")
     asyncio.run(run())
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + SLOT_RELEASE_DEADLINE
     while metric(server.url, "vllm:num_requests_running") + metric(server.url, "vllm:num_requests_waiting") > 0:
-        assert time.monotonic() < deadline, "cancelled gRPC calls still hold slots after 1 s"
+        assert time.monotonic() < deadline, f"cancelled gRPC calls still hold slots after {SLOT_RELEASE_DEADLINE} s"
         time.sleep(0.05)
-    assert metric(server.url, "vllm:generation_tokens_total") - generated_before < 24 * 90
+    assert metric(server.url, "vllm:generation_tokens_total") - generated_before < 24 * 90 // 2  # cut short, not run to the end

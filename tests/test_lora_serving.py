@@ -8,9 +8,11 @@ base model's) blocks to another; adapters that do not fit the base model are ref
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,7 +106,7 @@ def test_rows_of_one_batch_use_their_own_adapters_and_match_merged_generate(llam
         models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
         cards = {c["id"]: c for c in models["data"]}
         assert set(cards) == {"m", "a", "b"} and models["models"] == ["m"]
-        assert cards["a"]["parent"] == "m" and cards["a"]["root"] == str(llama["a"]) and cards["b"]["parent"] == "m"
+        assert cards["a"]["parent"] == "m" and cards["a"]["root"] == "a" and cards["b"]["parent"] == "m"
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.NotFoundError) as err:
             client.completions.create(model="c", prompt="hello", max_tokens=2)
@@ -233,3 +235,67 @@ def test_lora_flags_are_checked_before_loading(args, reason, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--model_dir", "/nonexistent", "--model_name", "m", *args])
     assert exit_.value.code == 2 and reason in capsys.readouterr().err
+
+
+# ---- runtime updates: /v1/load_lora_adapter and /v1/unload_lora_adapter ---------------------------------------------
+
+
+def test_runtime_load_serves_at_once_and_unload_waits_for_the_adapters_requests(llama, root, tmp_path):
+    """A server started with no adapter: one loaded at runtime is listed and serves exactly the merged model's output;
+    unloading it waits for its running request, refuses new ones meanwhile; the same name loaded again with other
+    weights serves those (the prefix cache never hands back the old adapter's blocks)."""
+    base = llama["base"]
+    prompts = token_prompts(llama["vocab"], [6, 33], seed=11)  # the 33-token prompt fills two prefix-cache blocks
+    args = ["--enable_lora_runtime_updates", "--max_lora_rank", "8", "--max_loras", "2"]
+    server, expected = start_and_compute(base, tmp_path, args, lambda: {m: merged_reference(base, llama.get(m), prompts) for m in ("m", "a", "b")})
+    url = server.url
+    try:
+        assert "LoRA adapters: none yet; runtime updates on" in server.read_log()
+        assert [c["id"] for c in httpx.get(f"{url}/v1/models").json()["data"]] == ["m"]
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(llama["a"])}, timeout=60)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a' added successfully."
+        cards = {c["id"]: c for c in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert cards["a"]["parent"] == "m" and cards["a"]["root"] == "a"
+        assert complete(url, [("a", p) for p in prompts] + [("m", p) for p in prompts], MAX_TOKENS) == expected["a"] + expected["m"]
+
+        refusals = {
+            "already been loaded": {"lora_name": "a", "lora_path": str(llama["b"])},
+            "is not a directory": {"lora_name": "c", "lora_path": str(root / "missing")},
+            "rank 16": {"lora_name": "c", "lora_path": str(make_adapter(base, root / "llama-r16", rank=16, targets=["q_proj"], seed=3))},
+            "served model": {"lora_name": "m", "lora_path": str(llama["a"])},
+        }
+        for reason, body in refusals.items():
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=60)
+            assert r.status_code == 400 and reason in r.json()["error"]["message"], (reason, r.text)
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "nope"}).status_code == 404
+
+        async def unload_while_streaming() -> tuple[list[float], float, int, int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                body = {"model": "a", "prompt": prompts[0], "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", f"{url}/v1/completions", json=body) as stream:
+                    lines = stream.aiter_lines()
+                    await anext(lines)  # the stream runs
+                    unload = asyncio.create_task(client.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a"}))
+                    await asyncio.sleep(0.3)
+                    during = await client.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+                    events = [line async for line in lines if line.startswith("data: {")]
+                    ended = time.monotonic()
+                response = await unload
+                return len(events), ended, during.status_code, response.status_code, time.monotonic()
+
+        streamed, ended, during, unloaded, answered = asyncio.run(unload_while_streaming())
+        assert streamed >= 50 and during == 404 and unloaded == 200 and answered >= ended
+        assert [c["id"] for c in httpx.get(f"{url}/v1/models").json()["data"]] == ["m"]
+        # "a" again, with b's weights: b's output, though a's blocks of the same prompt were cached
+        assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(llama["b"])}, timeout=60).status_code == 200
+        assert complete(url, [("a", p) for p in prompts], MAX_TOKENS) == expected["b"]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'vllm:lora_requests_info{max_lora="2"' in metrics and 'vllm:cache_config_info{block_size="16"' in metrics
+    finally:
+        stop_server(server)
+
+
+def test_runtime_updates_are_off_by_default(server):
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        r = httpx.post(f"{server.url}{path}", json={"lora_name": "a", "lora_path": "/tmp"})
+        assert r.status_code == 404 and "--enable_lora_runtime_updates" in r.json()["error"]["message"]

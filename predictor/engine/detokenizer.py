@@ -3,12 +3,15 @@
 Byte-level BPE tokens may end in the middle of a UTF-8 character; a delta is emitted only once the
 decoded text no longer ends in U+FFFD, so a character is never split or duplicated across deltas.
 Text that could still turn into a stop string is held back; when a stop string appears, the text
-before it is released and the sequence ends (the stop string itself is never returned).
+before it is released and the sequence ends (the stop string itself is never returned). Stop strings are
+matched incrementally (``stop_strings.py``): each character is scanned once.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
+
+from .stop_strings import StopAutomaton, StopScanner, stop_automaton
 
 # How many tokens before the new ones are re-decoded, so that merges across the boundary decode right.
 _CONTEXT_TOKENS = 6
@@ -17,12 +20,15 @@ _CONTEXT_TOKENS = 6
 class Detokenizer:
     """Turns one sequence's generated tokens into text deltas."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str] | StopAutomaton):
         self.tokenizer = tokenizer
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.stop = stop
+        if isinstance(stop, list):
+            stop = stop_automaton(tuple(stop)) if stop else None
+        self.scanner = StopScanner(stop) if stop is not None else None
+        self.scanned = 0  # characters of ``text`` the scanner has consumed
         self.text = ""  # all text decoded so far (stop strings included)
         self.emitted = 0  # characters of ``text`` already returned
         self.stopped = False
@@ -42,18 +48,16 @@ class Detokenizer:
         return self._release()
 
     def _release(self) -> str:
-        if self.stop:
-            start = max(0, self.emitted - max(len(s) for s in self.stop))
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i != -1]
-            if hits:
-                end = min(hits)
+        end = len(self.text)
+        if self.scanner is not None:
+            found = self.scanner.feed(self.text[self.scanned :])
+            if found is not None:
+                start = self.scanned + found - self.scanner.matched  # never before ``emitted``: that text was held back
                 self.stopped = True
-                delta, self.emitted = self.text[self.emitted : end], end
+                delta, self.emitted = self.text[self.emitted : start], start
                 return delta
-            hold = max((_partial_suffix(self.text, s) for s in self.stop), default=0)
-            end = len(self.text) - hold
-        else:
-            end = len(self.text)
+            self.scanned = len(self.text)
+            end -= self.scanner.held
         delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return delta
 
@@ -72,10 +76,3 @@ class Detokenizer:
         delta, self.emitted = self.text[self.emitted :], len(self.text)
         return delta
 
-
-def _partial_suffix(text: str, stop: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0

@@ -7,6 +7,14 @@ prefills them in one forward, (3) gives every running sequence the KV-cache bloc
 with its own position, sampling parameters and generator. A sequence that finishes leaves at once and
 its blocks go to the next admission. The asyncio side only submits requests and awaits outputs, so
 HTTP and gRPC stay responsive while tensors are computed.
+
+Blast radius of one: a failure while setting up, sampling or detokenizing one row fails that request alone
+(``RequestFailed``, a 500 naming its request id); the rest of the step's rows go on, their output unchanged
+(sampling is row-independent, so the rows are re-sampled one by one). A model forward that raises is retried
+once without the newest sequence, which then fails alone. An error that leaves the engine unusable (a device
+error, or ``MAX_FAILURES_IN_A_ROW`` failed steps in a row) marks it dead: every request gets ``EngineDead`` and
+``on_dead`` is called, so that the server fails its probes and exits non-zero for Kubernetes to restart it
+(vLLM's ``EngineDeadError``).
 """
 
 from __future__ import annotations
@@ -17,44 +25,44 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import EngineDead, EngineError, EngineStopped, GrammarFailed, InvalidRequest, QueueFull, RequestFailed, RequestTimeout, internal_error
 from ..loading import LoadedModel
 from ..metrics import EngineMetrics
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
 from .detokenizer import Detokenizer
 from .kv_cache import BlockAllocator
-from .lora import LoRAManager
+from .lora import LoRAAdapter, LoRAManager
 from .runner import Chunk, KVPlan, ModelRunner, PagedRunner, make_runner
 from .sampler import sample, token_logprob
 from .scheduler import Scheduler
 from .structured import Matcher, token_masks
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
 
 
-class EngineError(RuntimeError):
-    """A request the engine could not serve; the protocol adapters map each kind to a status."""
+__all__ = ["Engine", "EngineConfig", "EngineDead", "EngineError", "EngineStopped", "GrammarFailed", "QueueFull", "RequestTimeout", "Sequence"]
+
+# Failed model forwards or steps in a row (nothing succeeding between them) after which the engine is declared dead.
+MAX_FAILURES_IN_A_ROW = 3
+# Text of RuntimeErrors that mean the device itself is broken (CUDA reports these; nothing after them can be trusted).
+_DEVICE_ERRORS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error", "NCCL error")
 
 
-class QueueFull(EngineError):
-    """The waiting queue is at ``--max_queue``: answer 429 / RESOURCE_EXHAUSTED and let the client retry."""
+def is_device_error(exc: BaseException) -> bool:
+    """An error after which the device (and so the engine) cannot be trusted: the process must restart."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_ERRORS)
 
 
-class EngineStopped(EngineError):
-    """The server is draining for shutdown and takes no new requests (503)."""
-
-
-class RequestTimeout(EngineError):
-    """The request ran past ``--request_timeout``."""
-
-
-class GrammarFailed(EngineError):
-    """The request's own output constraint failed while generating (llguidance found its lexer too large only once a
-    token was consumed, say): the request's fault, a 400, and no other request is touched."""
+class _EngineBroken(Exception):
+    """Raised inside a step when the engine must stop serving (see ``Engine._count_failure``)."""
 
 
 @dataclass
@@ -89,6 +97,9 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     matcher: Matcher | None = None  # its grammar state (structured outputs); lives as long as output_ids
     lora_slot: int = 0  # the LoRA slot of its adapter while running (0: the base model)
+    scheduled_time: float = 0.0  # first admission (the end of its queue time)
+    first_token_time: float = 0.0
+    finish_time: float = 0.0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -126,7 +137,7 @@ def _deliver(items: list[tuple[Sequence, StepOutput | BaseException]]) -> None:
 
 
 class Engine:
-    """Owns the model thread. ``submit`` (or ``generate``) is the only way in."""
+    """Owns the model thread. ``submit_all`` (or ``generate``) is the only way in."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: EngineMetrics | None = None, lora: LoRAManager | None = None):
         self.loaded = loaded
@@ -135,11 +146,15 @@ class Engine:
         self.lora = lora  # multi-LoRA serving (--lora_modules): adapters, slots
         self.runner: ModelRunner | None = None  # built in the engine thread, see start()
         self.scheduler: Scheduler | None = None  # built with the runner: it needs the pool's size
+        self.tracer = None  # a tracing.RequestTracer: one span per finished request (--otlp_traces_endpoint)
+        self.on_dead: Callable[[str], None] | None = None  # called once, from the engine thread, when the engine dies
+        self.dead: str | None = None  # why the engine died; None while it serves
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._accepting = True
         self._stop = False
+        self._failed_steps = 0  # in a row
 
     # ---- the asyncio side ------------------------------------------------------------------------
 
@@ -161,6 +176,11 @@ class Engine:
                 prefix_caching = self.config.enable_prefix_caching and isinstance(self.runner, PagedRunner)
                 allocator = BlockAllocator(self.runner.num_blocks)
                 self.scheduler = Scheduler(allocator, self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching, self.lora)
+                if self.metrics:
+                    dtype = str(getattr(self.runner, "dtype", torch.float32)).removeprefix("torch.")
+                    self.metrics.cache_config(allocator.block_size, allocator.capacity, prefix_caching, dtype)
+                    if self.lora is not None:
+                        self.metrics.lora_info(self.lora.max_loras, set(), set())
             except BaseException as exc:
                 failure.append(exc)
                 return
@@ -189,24 +209,56 @@ class Engine:
         allocator = self.scheduler.allocator
         return allocator.capacity * allocator.block_size
 
-    def submit(self, request: GenerationRequest) -> Sequence:
-        """Queue a request; raises ``QueueFull`` or ``EngineStopped`` at once instead of accepting it."""
-        seq = Sequence(request, asyncio.get_running_loop(), asyncio.Queue(), time.monotonic(), seq_id=next(self._ids))
+    @property
+    def capacity(self) -> int:
+        """The most sequences the engine holds at once: the running batch and the waiting queue beyond it."""
+        return self.config.max_num_seqs + self.config.max_queue
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Sequence]:
+        """Queue every request or none: ``QueueFull`` when they do not all fit now (``--max_queue`` waiting beyond the
+        running batch's free room), ``EngineStopped`` while draining, ``EngineDead`` once the engine died."""
+        loop, now = asyncio.get_running_loop(), time.monotonic()
+        seqs = [Sequence(r, loop, asyncio.Queue(), now, seq_id=next(self._ids)) for r in requests]
         with self._cond:
+            if self.dead is not None:
+                raise EngineDead("the engine failed and this server is restarting; retry on another replica")
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and takes no new requests")
-            if len(self.waiting) >= self.config.max_queue:
+            for request in requests:  # checked again here, under the lock: an adapter may have been unloaded meanwhile
+                if request.lora is not None and (request.lora not in self.lora.adapters or request.lora in self.lora.unloading):
+                    raise InvalidRequest(f"the LoRA adapter '{request.lora}' does not exist", param="model", status=404, code="model_not_found")
+            room = self.capacity - len(self.running) - len(self.waiting)
+            if len(seqs) > room:
                 if self.metrics:
                     self.metrics.rejected.inc()
-                raise QueueFull(f"the server is at capacity ({self.config.max_queue} requests waiting); retry shortly")
-            self.waiting.append(seq)
+                raise QueueFull(f"the server is at capacity ({self.config.max_queue} requests waiting beyond the running batch); retry shortly")
+            self.waiting.extend(seqs)
             self._cond.notify()
-        return seq
+        return seqs
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        return self.submit_all([request])[0]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
         seq = self.submit(request)
         async for out in seq.stream():
             yield out
+
+    def add_lora(self, adapter: LoRAAdapter, where: str) -> None:
+        """Serve a LoRA adapter from now on (``LoRAManager.register``'s checks; runtime updates)."""
+        with self._cond:
+            self.lora.register(adapter, where)
+
+    async def remove_lora(self, name: str) -> None:
+        """Take no new requests for ``name``, wait until its waiting and running requests are done, then forget it."""
+        with self._cond:
+            self.lora.unloading.add(name)
+        while True:
+            with self._cond:
+                if not any(seq.request.lora == name for seq in (*self.waiting, *self.running)):
+                    self.lora.remove(name)
+                    return
+            await asyncio.sleep(0.05)
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; accepted ones run to completion."""
@@ -250,24 +302,94 @@ class Engine:
                     return
             try:
                 self._step()
-            except Exception as exc:  # a bug or a device error: fail the requests in flight, keep serving
-                logger.exception("engine step failed")
-                for seq in list(self.running):
-                    seq.emit(EngineError(f"generation failed: {exc}"))
-                    self._remove(seq)
+            except _EngineBroken as exc:
+                self._die(str(exc))
+                return
+            except Exception as exc:  # outside a forward, or its retry failed too: the running batch fails
+                try:
+                    self._step_failed(exc)
+                except _EngineBroken as broken:
+                    self._die(str(broken))
+                    return
             self._update_gauges()
 
     def _step(self) -> None:
         now = time.monotonic()
+        failures = self._failed_steps
         self._expire(now)
         admitted = self._admit(now)
         if admitted:
             self._prefill(admitted)
         if self.running:
             self._decode()
+        if self._failed_steps == failures:  # a whole step without a failure: the engine works
+            self._failed_steps = 0
+
+    def _count_failure(self, exc: BaseException) -> None:
+        """One more failure; raises ``_EngineBroken`` for a device error, or when ``MAX_FAILURES_IN_A_ROW`` steps failed
+        with no step succeeding whole between them."""
+        self._failed_steps += 1
+        if self.metrics:
+            self.metrics.step_failures.inc()
+        if is_device_error(exc):
+            raise _EngineBroken(f"device error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        if self._failed_steps >= MAX_FAILURES_IN_A_ROW:
+            raise _EngineBroken(f"{self._failed_steps} engine steps failed in a row, the last with {type(exc).__name__}") from exc
+
+    def _step_failed(self, exc: Exception) -> None:
+        ids = [s.request.request_id for s in self.running]
+        logger.error("engine step failed (%d in a row); failing running requests %s", self._failed_steps + 1, ", ".join(ids) or "-", exc_info=exc)
+        self._count_failure(exc)
+        for seq in list(self.running):
+            seq.emit(RequestFailed(internal_error(seq.request.request_id)))
+            self._remove(seq)
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot serve any more: fail everything, refuse everything, tell the server."""
+        logger.critical("engine dead: %s; failing every request, the server exits for a restart", reason)
+        with self._cond:
+            self.dead = reason
+            self._accepting = False
+            seqs = list(self.waiting) + list(self.running)
+            self.waiting.clear()
+        for seq in seqs:
+            seq.emit(EngineDead("the engine failed and this server is restarting; retry on another replica"))
+        if self.metrics:
+            self.metrics.dead.set(1)
+        if self.on_dead is not None:
+            self.on_dead(reason)
+
+    def _fail(self, seq: Sequence, exc: BaseException, where: str) -> None:
+        """``seq`` alone fails (its own error, a 500 naming its request id); the batch goes on without it."""
+        logger.error("request %s failed while %s", seq.request.request_id, where, exc_info=exc)
+        seq.emit(RequestFailed(internal_error(seq.request.request_id)))
+        self._remove(seq)
+        if self.tracer is not None:
+            self.tracer.record(seq, time.monotonic(), error=f"failed while {where}")
+
+    def _forward(self, batch: list[Sequence], run: Callable[[list[Sequence]], torch.Tensor | list[torch.Tensor]], what: str):
+        """``run(batch)`` (the model forward); if it raises, once more without the newest sequence, which then fails
+        alone (a batch of one fails alone). Returns the sequences that ran and their logits (None if none did)."""
+        try:
+            logits = run(batch)
+        except Exception as exc:
+            self._count_failure(exc)
+            newest = max(batch, key=lambda s: s.seq_id)
+            if len(batch) == 1:
+                self._fail(newest, exc, f"in the model's {what}")
+                return [], None
+            logger.warning(
+                "model %s of %d sequences failed (%s); retrying without the newest, request %s", what, len(batch), type(exc).__name__, newest.request.request_id
+            )
+            rest = [s for s in batch if s is not newest]
+            logits = run(rest)  # a second failure fails the step (Engine._step_failed)
+            self._fail(newest, exc, f"in the model's {what} (the batch without it succeeded)")
+            batch = rest
+        return batch, logits
 
     def _expire(self, now: float) -> None:
         timeout = self.config.request_timeout
+        expired = []
         with self._cond:
             for seq in list(self.waiting):
                 if seq.cancelled.is_set():
@@ -275,49 +397,72 @@ class Engine:
                 elif timeout and now - seq.arrival > timeout:
                     self.waiting.remove(seq)
                     seq.emit(RequestTimeout(f"the request waited longer than --request_timeout ({timeout:g} s)"))
+                    expired.append(seq)
         for seq in list(self.running):
             if seq.cancelled.is_set():
                 self._remove(seq)
             elif timeout and now - seq.arrival > timeout:
                 seq.emit(RequestTimeout(f"the request ran longer than --request_timeout ({timeout:g} s)"))
                 self._remove(seq)
+                expired.append(seq)
+        if self.tracer is not None:
+            for seq in expired:
+                self.tracer.record(seq, now, error="timed out (--request_timeout)")
 
     def _admit(self, now: float) -> list[Sequence]:
         with self._cond:
             admitted = self.scheduler.admit()
+        started = []
         for seq in admitted:
             if self.metrics and self.scheduler.prefix_caching:
                 self.metrics.prefix_cache_queries.inc(len(seq.tokens_to_prefill))
                 self.metrics.prefix_cache_hits.inc(seq.cached)
-            if seq.detok is not None:  # re-admitted after a preemption: its state carries on
-                continue
-            params = seq.request.params
-            seq.generator = torch.Generator(device=self.loaded.device)
-            seq.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            seq.detok = Detokenizer(self.loaded.tokenizer, seq.request.prompt_ids, params.stop)
-            if seq.request.grammar is not None:
-                seq.matcher = seq.request.grammar.matcher()
-            if self.metrics:
-                self.metrics.queue_time.observe(now - seq.arrival)
-                self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
-        return admitted
+            if seq.detok is None:  # not re-admitted after a preemption (then its state carries on)
+                try:
+                    self._start_sequence(seq, now)
+                except Exception as exc:
+                    self._fail(seq, exc, "starting")
+                    continue
+            started.append(seq)
+        return started
 
-    def _prefill(self, admitted: list[Sequence]) -> None:
+    def _start_sequence(self, seq: Sequence, now: float) -> None:
+        """A sequence's first admission: its generator, detokenizer and grammar state."""
+        params = seq.request.params
+        seq.generator = torch.Generator(device=self.loaded.device)
+        seq.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        if seq.request.grammar is not None:
+            seq.matcher = seq.request.grammar.matcher(params.max_tokens)
+        seq.detok = Detokenizer(self.loaded.tokenizer, seq.request.prompt_ids, seq.request.stops if seq.request.stops is not None else params.stop)
+        seq.scheduled_time = now
+        if self.metrics:
+            self.metrics.queue_time.observe(now - seq.arrival)
+            self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
+
+    def _run_prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         chunks = []
-        for seq in admitted:
+        for seq in seqs:
             # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
             tokens = seq.tokens_to_prefill
             chunks.append(Chunk(seq.seq_id, tokens[seq.cached :], seq.cached, seq.blocks, seq.needs_prompt_logits, seq.lora_slot))
             seq.length = len(tokens)
-        logits = self.runner.prefill(chunks)
+        return self.runner.prefill(chunks)
+
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        admitted, logits = self._forward(admitted, self._run_prefill, "prefill")
+        if not admitted:
+            return
         for seq in admitted:
             self.scheduler.computed(seq)
         last = []
-        for seq, chunk, seq_logits in zip(admitted, chunks, logits):
-            if chunk.all_logits:
+        for seq, seq_logits in zip(admitted, logits):
+            if seq.needs_prompt_logits:
                 seq.prompt_logprobs = _prompt_logprobs(seq_logits, seq.request.prompt_ids, seq.request.params.logprobs or 0)
             last.append(seq_logits[-1])
         self._sample_and_emit(admitted, torch.stack(last))
+
+    def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        return self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks, lora_slot=s.lora_slot) for s in seqs])
 
     def _decode(self) -> None:
         with self._cond:
@@ -329,15 +474,17 @@ class Engine:
         batch = list(self.running)
         if not batch:
             return
-        logits = self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks, lora_slot=s.lora_slot) for s in batch])
+        batch, logits = self._forward(batch, self._run_decode, "decode")
+        if not batch:
+            return
         for seq in batch:
             seq.length += 1
         self._sample_and_emit(batch, logits)
 
-    def _sample_and_emit(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+    def _sample_rows(self, batch: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         constrained = [row for row, s in enumerate(batch) if s.matcher is not None]
         allowed = token_masks([batch[row].matcher for row in constrained], self.loaded.vocab_size, logits.shape[-1]).to(logits.device) if constrained else None
-        tokens, logprobs = sample(
+        return sample(
             logits,
             [s.request.params for s in batch],
             [s.generator for s in batch],
@@ -346,18 +493,49 @@ class Engine:
             self.loaded.eos_token_id,
             (constrained, allowed) if constrained else None,
         )
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None], dict[Sequence, Exception]]:
+        """The next token of every row; if the batched draw raises, each row is drawn alone (the same tokens: every row
+        has its own parameters and generator) and the rows that still raise are returned as failures."""
+        try:
+            return *self._sample_rows(batch, logits), {}
+        except Exception as exc:
+            if len(batch) == 1:
+                return [-1], [None], {batch[0]: exc}
+            logger.warning("sampling a batch of %d failed (%s); sampling its rows one by one", len(batch), type(exc).__name__)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        failures: dict[Sequence, Exception] = {}
+        for row, seq in enumerate(batch):
+            try:
+                (token,), (logprob,) = self._sample_rows([seq], logits[row : row + 1])
+            except Exception as exc:
+                token, logprob, failures[seq] = -1, None, exc
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs, failures
+
+    def _sample_and_emit(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs, failures = self._sample(batch, logits)
         now = time.monotonic()
         finished = []
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, StepOutput | BaseException]]] = {}
         for seq, token, logprob in zip(batch, tokens, logprobs):
+            if seq in failures:
+                self._fail(seq, failures[seq], "sampling")
+                continue
             # The request's grammar failed (computing its mask, or on its own token): fail this one only.
             if seq.matcher is not None and (seq.matcher.error is not None or not seq.matcher.advance(token)):
                 spec = seq.request.params.structured
-                failed = GrammarFailed(f"the {spec.kind} in '{spec.param}' failed at token {token}: {seq.matcher.error}")
+                failed = GrammarFailed(f"the {spec.kind} in '{spec.param}' failed at token {token}: {seq.matcher.error}", param=spec.param)
                 by_loop.setdefault(seq.loop, []).append((seq, failed))
                 finished.append(seq)
                 continue
-            out = self._advance(seq, token, logprob, now)
+            try:
+                out = self._advance(seq, token, logprob, now)
+            except Exception as exc:
+                self._fail(seq, exc, "detokenizing")
+                continue
             by_loop.setdefault(seq.loop, []).append((seq, out))
             if out.finish_reason is not None:
                 finished.append(seq)
@@ -377,6 +555,8 @@ class Engine:
                 self.metrics.ttft.observe(now - seq.arrival)
             else:
                 self.metrics.itl.observe(now - seq.last_token_time)
+        if len(seq.output_ids) == 1:
+            seq.first_token_time = now
         seq.last_token_time = now
         finish = None
         if token == self.loaded.eos_token_id and not params.ignore_eos:
@@ -399,9 +579,13 @@ class Engine:
             num_generated_tokens=len(seq.output_ids),
         )
         seq.prompt_logprobs = None
-        if finish is not None and self.metrics:
-            self.metrics.e2e.observe(now - seq.arrival)
-            self.metrics.success(finish)
+        if finish is not None:
+            seq.finish_time = now
+            if self.metrics:
+                self.metrics.e2e.observe(now - seq.arrival)
+                self.metrics.success(finish)
+            if self.tracer is not None:
+                self.tracer.record(seq, now, finish_reason=finish)
         return out
 
     def _remove(self, seq: Sequence) -> None:

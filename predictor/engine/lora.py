@@ -24,16 +24,24 @@ prepacked for oneDNN by ``packing.py`` (the wrapper is applied first, and packin
 Slots are filled on demand: an adapter is copied into a free slot, or into the least recently used slot
 no running sequence uses; a request whose adapter finds no slot waits in the scheduler (``acquire``
 returns None). With no more adapters than slots they are all loaded once, at start-up.
+
+Runtime updates (``--enable_lora_runtime_updates``: ``POST /v1/load_lora_adapter``, ``/v1/unload_lora_adapter``,
+vLLM's routes): every projection of the model is wrapped at start-up with slots of ``--max_lora_rank``, so that
+an adapter registered later, checked as at start-up, is served at once. An adapter being unloaded takes no new
+requests and leaves once its waiting and running requests are done. Each registration has its own ``uid``, which
+seeds the prefix-cache hashes: an adapter loaded again under the same name never reuses the old one's blocks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +63,9 @@ class LoRAError(ModelLoadError):
     """An adapter cannot be served with this base model; the message says which and why."""
 
 
+_UIDS = itertools.count(1)
+
+
 @dataclass
 class LoRAAdapter:
     """One adapter, checked against the base model: per targeted module, A (rank, in) and (scale · B)ᵀ (rank, out)."""
@@ -63,6 +74,7 @@ class LoRAAdapter:
     path: Path
     rank: int
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    uid: int = field(default_factory=lambda: next(_UIDS))  # this registration (a name loaded again gets a new one)
 
 
 def parse_lora_module(value: str) -> tuple[str, Path]:
@@ -91,11 +103,14 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def load_adapter(name: str, path: Path, model: nn.Module, max_rank: int) -> LoRAAdapter:
-    """Read and check one peft LoRA adapter against ``model``; raises ``LoRAError`` with the reason."""
+def load_adapter(name: str, path: Path, model: nn.Module, max_rank: int, where: str | None = None, digests: dict[str, bytes] | None = None) -> LoRAAdapter:
+    """Read and check one peft LoRA adapter against ``model``; raises ``LoRAError`` with the reason (prefixed ``where``).
+
+    ``digests`` (``weight_digests``, taken before the model was packed) stand in for the weights an adapter may
+    carry unchanged copies of, once the model's own are packed and cannot be compared."""
     from safetensors.torch import load_file
 
-    where = f"--lora_modules {name}={path}"
+    where = where or f"--lora_modules {name}={path}"
     if not path.is_dir():
         raise LoRAError(f"{where}: {path} is not a directory")
     try:
@@ -121,7 +136,7 @@ def load_adapter(name: str, path: Path, model: nn.Module, max_rank: int) -> LoRA
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            if _is_base_copy(key, tensor, model):
+            if _is_base_copy(key, tensor, model, digests):
                 continue
             raise LoRAError(
                 f"{where}: tensor {key!r} is not a LoRA A/B weight of a projection, nor an unchanged base weight "
@@ -164,10 +179,12 @@ def load_adapter(name: str, path: Path, model: nn.Module, max_rank: int) -> LoRA
     return LoRAAdapter(name, path, rank, weights)
 
 
-def _is_base_copy(key: str, tensor: torch.Tensor, model: nn.Module) -> bool:
+def _is_base_copy(key: str, tensor: torch.Tensor, model: nn.Module, digests: dict[str, bytes] | None = None) -> bool:
     match = _BASE_KEY.match(key)
     if match is None:
         return False
+    if digests is not None:
+        return digests.get(f"{match['module']}.{match['param']}") == _digest(tensor)
     try:
         base = model.get_submodule(match["module"])
     except AttributeError:
@@ -251,10 +268,15 @@ class LoRAManager:
     """The registered adapters, the ``max_loras`` slots and which adapter each holds. Engine thread only
     (``acquire``/``release`` are called by the scheduler under the engine's lock)."""
 
-    def __init__(self, adapters: list[LoRAAdapter], max_loras: int):
+    def __init__(self, adapters: list[LoRAAdapter], max_loras: int, rank: int | None = None, targets: list[str] | None = None):
+        """``rank`` and ``targets`` (module names to wrap) default to what ``adapters`` need; runtime updates give
+        ``--max_lora_rank`` and every projection, so that later adapters fit."""
         self.adapters = {a.name: a for a in adapters}
         self.max_loras = max_loras
-        self.rank = max(a.rank for a in adapters)
+        self.rank = rank if rank is not None else max(a.rank for a in adapters)
+        self.targets = targets
+        self.unloading: set[str] = set()  # adapters taking no new requests, removed once their requests are done
+        self.digests: dict[str, bytes] | None = None  # weight_digests, for runtime loads
         self.context = LoRAContext(max_loras, self.rank)
         self.modules: dict[str, LoRALinear] = {}
         self.slot_adapter: list[str | None] = [None] * (max_loras + 1)  # index 0: the base model, never used
@@ -263,14 +285,20 @@ class LoRAManager:
         self.loads = 0
 
     @classmethod
-    def load(cls, modules: list[tuple[str, Path]], model: nn.Module, max_loras: int, max_rank: int) -> LoRAManager:
-        return cls([load_adapter(name, path, model, max_rank) for name, path in modules], max_loras)
+    def load(cls, modules: list[tuple[str, Path]], model: nn.Module, max_loras: int, max_rank: int, runtime_updates: bool = False) -> LoRAManager:
+        adapters = [load_adapter(name, path, model, max_rank) for name, path in modules]
+        if runtime_updates:
+            manager = cls(adapters, max_loras, rank=max_rank, targets=projections(model))
+            manager.digests = weight_digests(model)
+            return manager
+        return cls(adapters, max_loras)
 
     def attach(self, model: nn.Module) -> int:
-        """Wrap every projection some adapter targets (before packing); fill the slots if all adapters fit."""
+        """Wrap every projection some adapter targets, or every one of ``targets`` (before packing); fill the slots
+        if all adapters fit."""
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-        targets = sorted({m for a in self.adapters.values() for m in a.weights})
+        targets = self.targets if self.targets is not None else sorted({m for a in self.adapters.values() for m in a.weights})
         for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -283,6 +311,33 @@ class LoRAManager:
             for slot, name in enumerate(self.adapters, start=1):
                 self._load(slot, name)
         return len(targets)
+
+    def register(self, adapter: LoRAAdapter, where: str) -> None:
+        """Serve ``adapter`` from now on (runtime updates; the engine's lock held). ``LoRAError`` if it cannot be."""
+        if adapter.name in self.adapters:
+            raise LoRAError(f"{where}: an adapter named '{adapter.name}' is already loaded; unload it first")
+        if adapter.rank > self.rank:
+            raise LoRAError(f"{where}: rank {adapter.rank} is above --max_lora_rank {self.rank}")
+        unwrapped = sorted(set(adapter.weights) - set(self.modules))
+        if unwrapped:
+            raise LoRAError(f"{where}: the adapter targets {unwrapped[0]}, which is not a projection this server can adapt")
+        self.adapters[adapter.name] = adapter
+        logger.info("LoRA adapter %s registered (rank %d, %d projections, %s)", adapter.name, adapter.rank, len(adapter.weights), adapter.path)
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (no request of it waiting or running; the engine's lock held): its slot becomes free."""
+        slot = self.slot_of(name)
+        if slot is not None:
+            self.slot_adapter[slot] = None
+            self.idle.pop(slot, None)
+        self.adapters.pop(name, None)
+        self.unloading.discard(name)
+        logger.info("LoRA adapter %s unloaded", name)
+
+    def hash_seed(self, name: str | None) -> bytes:
+        """Seeds a request's prefix-cache block hashes: blocks computed with one adapter registration never serve another
+        (nor the base model)."""
+        return b"" if name is None else b"lora\0" + name.encode() + b"\0" + str(self.adapters[name].uid).encode()
 
     def slot_of(self, name: str) -> int | None:
         try:
@@ -331,6 +386,22 @@ class LoRAManager:
         return f"LoRA: {len(self.adapters)} adapters (rank ≤ {self.rank}) on {len(self.modules)} projections, {self.max_loras} slots"
 
 
-def hash_seed(lora: str | None) -> bytes:
-    """Seeds a request's prefix-cache block hashes: blocks computed with one adapter never serve another (or the base)."""
-    return b"" if lora is None else b"lora\0" + lora.encode()
+def _digest(tensor: torch.Tensor) -> bytes:
+    return hashlib.blake2b(tensor.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def weight_digests(model: nn.Module) -> dict[str, bytes]:
+    """Digests of the weights peft may save unchanged beside an adapter (the embeddings, ``save_embedding_layers``), by
+    parameter name: taken before packing, for adapters loaded at runtime."""
+    embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return {
+        f"{name}.{param_name}": _digest(param)
+        for name, module in model.named_modules()
+        if id(module) in embeddings
+        for param_name, param in module.named_parameters(recurse=False)
+    }
+
+
+def projections(model: nn.Module) -> list[str]:
+    """Names of every module of ``model`` that LoRA can wrap (its projections, the LM head included)."""
+    return sorted(name for name, module in model.named_modules() if name and projection_features(module) is not None)

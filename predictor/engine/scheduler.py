@@ -18,7 +18,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .kv_cache import BlockAllocator, block_hashes
-from .lora import hash_seed
 
 if TYPE_CHECKING:
     from .engine import Sequence
@@ -64,7 +63,7 @@ class Scheduler:
                 continue
             tokens = seq.tokens_to_prefill
             if self.prefix_caching and len(seq.digests) != len(tokens) // bs:  # once per block count, not every step it waits
-                seq.digests = block_hashes(tokens, bs, hash_seed(lora))
+                seq.digests = block_hashes(tokens, bs, self.lora.hash_seed(lora) if lora is not None else b"")
             reusable = [] if seq.needs_prompt_logits else seq.digests[: (len(tokens) - 1) // bs]
             hits, unused = self.allocator.cached_prefix(reusable)
             n = len(tokens) - hits * bs

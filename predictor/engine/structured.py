@@ -11,11 +11,13 @@ grammar it cannot compile.
 
 The flow, one place each:
 
-- ``GrammarCompiler.compile(spec)`` (called by ``Generation.request`` before a request is queued): a
-  ``GrammarSpec`` (JSON schema, regex, choice, grammar) becomes a validated ``Grammar``; an LRU cache
-  keyed by the spec's text holds the compiled template matcher, so a schema is compiled once per server.
-  A spec the engine cannot compile raises ``InvalidRequest`` naming the request's parameter (a 400).
-- ``Grammar.matcher()``: a copy of the template for one sequence (``Sequence.matcher``, created at its
+- ``GrammarCompiler.compile_async(spec)`` (awaited by ``Generation.request`` before a request is queued; ``compile``
+  is the same, synchronous): a ``GrammarSpec`` (JSON schema, regex, choice, grammar) becomes a validated ``Grammar``
+  in a dedicated compile thread (llguidance drops the GIL while it builds), within ``COMPILE_TIMEOUT``. An LRU cache
+  keyed by the spec's text holds the outcome, a compiled template or the reason it was refused, so a schema is
+  compiled once per server and a bad one costs nothing the second time. A spec the engine cannot compile raises
+  ``InvalidRequest`` naming the request's parameter (a 400).
+- ``Grammar.matcher(max_tokens)``: a copy of the template for one sequence (``Sequence.matcher``, created at its
   first admission; preemption keeps the ``Sequence``, so the matcher stays in step with ``output_ids``).
 - ``token_masks(matchers, vocab)``: the allowed tokens of each constrained row of a batch, as a bool
   tensor; the sampler applies it to those rows' logits (free rows are untouched), and the engine then
@@ -26,33 +28,265 @@ JSON is compiled with fixed whitespace, the separators ``json.dumps`` writes (``
 whitespace lets random or small models loop on spaces and newlines until ``max_tokens``, and fully compact JSON
 (``{"a":1}``) is tokenized unlike the JSON models saw in training (measured on SmolLM2-135M-Instruct, Paris's
 facts under a schema: ``"country":"CHIP"`` compact, ``"country": "France"`` with the separators).
+
+A grammar alone still lets a small model write an answer that never ends: a number's digits run on
+(``"lon": 0.0134567898878423154129649988888888…``) or a string does, until ``max_tokens`` cuts the JSON. Two
+additions of the ``Matcher`` keep answers complete:
+
+- **Bounded numbers** (JSON only): at most ``MAX_NUMBER_DIGITS`` mantissa digits (integer and fraction, a double's 17)
+  and ``MAX_EXPONENT_DIGITS`` exponent digits. llguidance 1.9 has no option for it (``JsonCompileOptions`` has only
+  separators, whitespace, ``coerce_one_of``, ``lenient`` and escapes; its number regex is unbounded), so the matcher
+  follows the JSON text it consumes with a small lexer (``json_lex``: outside, in a string, in a number's mantissa or
+  exponent) and, once a number has used its digits, clears the tokens that would add more: bitmasks precomputed per
+  tokenizer (``TokenTable``), one ``AND`` per step. String lengths need nothing here: llguidance honours
+  ``maxLength`` and ``minLength``.
+- **Closing before ``max_tokens``** (every kind): a matcher told its ``max_tokens`` counts the tokens it consumed.
+  Near the end it computes a short way to complete the grammar from its state (``closing_path``: llguidance's forced
+  tokens, else a one-character closer such as ``"``, ``]``, ``}``, ``0``), and within ``CLOSING_SLACK`` tokens of
+  the budget it allows only what keeps that path in reach: the path's next token, or (JSON) more of the string or
+  number being written. When the path is longer than the tokens left, nothing changes (``finish_reason`` ``length``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import cache
+from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import torch
 
-from ..sampling import GrammarSpec, InvalidRequest
+from ..errors import InvalidRequest, PredictorError
+from ..sampling import GrammarSpec
 
 # JSON compile options: json.dumps separators and no other whitespace; unknown schema keywords refused.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped first)
+CACHE_SIZE = 256  # compiled grammars and refusals kept (least recently used dropped first)
+
+MAX_NUMBER_DIGITS = 17  # mantissa digits of a JSON number (integer + fraction): a double holds 17 significant digits
+MAX_EXPONENT_DIGITS = 3  # a double's exponent is at most 308
+
+# Hostile schemas. A schema nested deeper than this is refused before anything recurses over it (jsonschema's checker
+# recurses ~7 Python frames per level and overflows at ~150; llguidance's JSON reader stops at 128).
+MAX_SCHEMA_DEPTH = 64
+# Characters of a grammar's source (a schema as compact JSON). The costliest shape measured at this size, 1,984
+# optional integer properties (llguidance's object grammar grows with the square of its optional properties), takes
+# 0.86–0.97 s here to check and compile with SmolLM2's tokenizer (jsonschema ~0.35 s, llguidance ~0.3 s; AMD EPYC,
+# 2 cores); 1,393 required properties or 423 nested arrays of objects take 0.3–0.5 s. At 128 KiB it took 1.8 s.
+MAX_GRAMMAR_CHARS = 65_536
+# llguidance builds a divisibility automaton per distinct multipleOf whose cost grows with the divisor's digits read as
+# an integer (0.03 s for 10,007, 0.6 s for 99,991, 193 s for 9,999,991): their sum over a schema is bounded.
+MAX_MULTIPLE_OF = 50_000
+COMPILE_TIMEOUT = 10.0  # seconds; a grammar that takes longer is refused (and remembered as refused)
+
+CLOSING_SLACK = 16  # tokens before max_tokens from which only tokens that keep the closing path in reach are allowed
+CLOSING_MARGIN = 8  # the closing path is recomputed each step once the tokens left are within slack + margin of it
+CLOSING_SEARCH_CAP = 128  # longest closing path searched for; a grammar that needs more is left to run to max_tokens
+
+# JSON lexer modes (``json_lex``): outside strings and numbers, in a string, after a backslash in a string, in a
+# number's mantissa (digits counted), in its exponent (digits counted).
+OUT, STR, ESC, MANTISSA, EXPONENT = range(5)
+_DIGITS = frozenset(b"0123456789")
+_QUOTE, _BACKSLASH, _MINUS = ord('"'), ord("\\"), ord("-")
+# Closing-path characters by preference: in a string, the quote that ends it; elsewhere, closers before a separator,
+# and the shortest value (0) before a string.
+_STRING_CLOSERS = b'"'
+_VALUE_CLOSERS = b'])},0"'
+
+
+def json_lex(data: bytes, mode: int, count: int) -> tuple[int, int, bool]:
+    """The JSON lexer state (``mode``, ``count``: digits of the current mantissa or exponent) after ``data``, and
+    whether a number in it went over ``MAX_NUMBER_DIGITS`` / ``MAX_EXPONENT_DIGITS`` (or wrote a ``.`` with no digit
+    left for its fraction). Reads text the grammar allowed, so it needs no error states: a byte that cannot continue
+    a number ends it and is read outside."""
+    over = False
+    for byte in data:
+        if mode == STR:
+            mode = ESC if byte == _BACKSLASH else OUT if byte == _QUOTE else STR
+            continue
+        if mode == ESC:
+            mode = STR
+            continue
+        if mode == MANTISSA:
+            if byte in _DIGITS:
+                count += 1
+                over |= count > MAX_NUMBER_DIGITS
+                continue
+            if byte == ord("."):  # a fraction needs a digit: none may be left
+                over |= count >= MAX_NUMBER_DIGITS
+                continue
+            if byte in b"eE":
+                mode, count = EXPONENT, 0
+                continue
+            mode = OUT
+        elif mode == EXPONENT:
+            if byte in _DIGITS:
+                count += 1
+                over |= count > MAX_EXPONENT_DIGITS
+                continue
+            if byte in b"+-":
+                continue
+            mode = OUT
+        if byte == _QUOTE:
+            mode = STR
+        elif byte in _DIGITS:
+            mode, count = MANTISSA, 1
+        elif byte == _MINUS:
+            mode, count = MANTISSA, 0
+    return mode, count, over
+
+
+def _packed(allowed: np.ndarray, words: int) -> np.ndarray:
+    """A bool vector as llguidance's bitmask layout: int32 words, bit i of word w = token 32w+i."""
+    bits = np.packbits(allowed, bitorder="little")
+    return np.pad(bits, (0, words * 4 - bits.size)).view(np.int32)
+
+
+class TokenTable:
+    """What each token writes, read once per tokenizer: its bytes, the bitmasks of the number bound and of the
+    tokens that continue a string or number (closing), and the one-character tokens closing paths prefer."""
+
+    def __init__(self, lltokenizer, vocab_size: int, eos_token_id: int | None):
+        self.lltokenizer = lltokenizer
+        self.eos_token_id = eos_token_id
+        self.words = -(-vocab_size // 32)
+        self.texts = [b"" if lltokenizer.is_special_token(i) else lltokenizer.decode_bytes([i]) for i in range(vocab_size)]
+        digits = np.array([len(t) - len(t.translate(None, b"0123456789")) for t in self.texts])
+        first = np.array([t[0] if t else 0 for t in self.texts])
+
+        def over(mode: int, count: int, candidates: np.ndarray) -> np.ndarray:
+            """Tokens (among ``candidates``) that would put a number over its bound from lexer state (mode, count)."""
+            out = np.zeros(vocab_size, dtype=bool)
+            for i in np.flatnonzero(candidates):
+                out[i] = json_lex(self.texts[i], mode, count)[2]
+            return out
+
+        # From outside a number, a token needs 4+ digits to overflow one; in a number, one more digit may do.
+        fresh = over(OUT, 0, digits >= 4)
+        self._bounds: dict[tuple[int, int], np.ndarray | None] = {
+            (STR, 0): self._allowed(over(STR, 0, digits >= 4)),
+            (ESC, 0): self._allowed(over(ESC, 0, digits >= 4)),
+            (OUT, 0): self._allowed(fresh),
+        }
+        continues_mantissa = np.isin(first, list(b"0123456789.eE"))
+        for used in range(MAX_NUMBER_DIGITS + 1):
+            self._bounds[MANTISSA, used] = self._allowed(fresh | over(MANTISSA, used, continues_mantissa))
+        continues_exponent = np.isin(first, list(b"0123456789+-"))
+        for used in range(MAX_EXPONENT_DIGITS + 1):
+            self._bounds[EXPONENT, used] = self._allowed(fresh | over(EXPONENT, used, continues_exponent))
+
+        string_content = np.array([bool(t) and b'"' not in t and b"\\" not in t and min(t) >= 0x20 and _whole_utf8(t) for t in self.texts])
+        only_digits = np.array([bool(t) and t.isdigit() for t in self.texts])
+        self._continuing = {STR: _packed(string_content, self.words), MANTISSA: _packed(only_digits, self.words), EXPONENT: _packed(only_digits, self.words)}
+        single = {t: i for i, t in reversed(list(enumerate(self.texts))) if len(t) == 1}
+        self.string_closers = [single[bytes([c])] for c in _STRING_CLOSERS if bytes([c]) in single]
+        self.value_closers = [single[bytes([c])] for c in _VALUE_CLOSERS if bytes([c]) in single]
+
+    def _allowed(self, forbidden: np.ndarray) -> np.ndarray | None:
+        """The bitmask of tokens not ``forbidden``; None when nothing is (no work for that state)."""
+        return _packed(~forbidden, self.words) if forbidden.any() else None
+
+    def number_bound(self, mode: int, count: int) -> np.ndarray | None:
+        """Tokens that keep every number within its bound from lexer state (mode, count); None: all of them."""
+        if mode == MANTISSA:
+            return self._bounds[MANTISSA, min(count, MAX_NUMBER_DIGITS)]
+        if mode == EXPONENT:
+            return self._bounds[EXPONENT, min(count, MAX_EXPONENT_DIGITS)]
+        return self._bounds[mode, 0]
+
+    def continuing(self, mode: int) -> np.ndarray | None:
+        """Tokens that only continue the string or number being written (they leave the closing path as it is)."""
+        return self._continuing.get(mode)
+
+
+def _whole_utf8(data: bytes) -> bool:
+    """Whole characters: a token that ends inside one leaves the string needing its other bytes first."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def closing_path(matcher, table: TokenTable, lex: tuple[int, int] | None, cap: int = CLOSING_SEARCH_CAP) -> list[int] | None:
+    """A short token sequence that completes the grammar from ``matcher``'s state (an llguidance ``LLMatcher``, left
+    untouched): llguidance's forced tokens where it has them, else the first allowed of the one-character closers (in
+    a string its quote; elsewhere ``]``, ``}``, ``)``, ``,``, ``0``, ``"``; ``lex`` is the JSON lexer state, None for
+    other grammars), else the lowest allowed token id; end-of-sequence once the grammar accepts. None if it would
+    take more than ``cap`` tokens. Greedy, not the shortest: a bound on what closing needs."""
+    m = matcher.deep_copy()
+    path: list[int] = []
+    scratch: np.ndarray | None = None
+    while not m.is_stopped():
+        if len(path) >= cap or m.is_error():
+            return None
+        if m.is_accepting():
+            return path + [table.eos_token_id] if table.eos_token_id is not None else None
+        tokens = m.compute_ff_tokens()
+        if not tokens:
+            forced = m.compute_ff_bytes()  # forced text whose tokenization llguidance leaves open (a space, say)
+            candidates = table.lltokenizer.tokenize_bytes(forced)[:1] if forced else []
+            candidates += table.string_closers if lex is not None and lex[0] in (STR, ESC) else table.value_closers
+            token = next((t for t in candidates if m.validate_tokens([t]) == 1), None)
+            if token is None:
+                if scratch is None:
+                    scratch = np.zeros(table.words, dtype=np.int32)
+                token = _lowest_allowed(m, scratch, table.eos_token_id)
+                if token is None:
+                    return None
+            tokens = [token]
+        if not m.consume_tokens(tokens):
+            return None
+        path += tokens
+        if lex is not None:
+            for token in tokens:
+                lex = json_lex(table.texts[token], *lex)[:2]
+    return path
+
+
+def _lowest_allowed(matcher, scratch: np.ndarray, eos_token_id: int | None) -> int | None:
+    """The lowest token id the matcher allows other than end-of-sequence (single bytes, in byte-level vocabularies)."""
+    matcher.unsafe_compute_mask_ptr(scratch.ctypes.data, scratch.nbytes)
+    words = scratch.view(np.uint32)
+    if eos_token_id is not None:
+        words[eos_token_id >> 5] &= ~np.uint32(1 << (eos_token_id & 31))
+    nonzero = np.flatnonzero(words)
+    if not nonzero.size:
+        return None
+    word = int(words[nonzero[0]])
+    return int(nonzero[0]) * 32 + (word & -word).bit_length() - 1
 
 
 class Matcher:
-    """One sequence's position in its grammar."""
+    """One sequence's position in its grammar, with the number bound (JSON) and the closing strategy (``max_tokens``)."""
 
-    def __init__(self, matcher) -> None:
+    def __init__(
+        self, matcher, table: TokenTable | None = None, json_text: bool = False, max_tokens: int | None = None, closing_length: int | None = None
+    ) -> None:
         self._m = matcher
+        self._table = table
+        self._lex: tuple[int, int] | None = (OUT, 0) if json_text and table is not None else None
+        self._max_tokens = max_tokens if table is not None else None
+        self._consumed = 0
+        self._closing_length = closing_length  # the closing path's length when last computed; None: closing is off
+        self._path: list[int] | None = None  # the closing path from the current state, while it is known
 
     def advance(self, token: int) -> bool:
         """Consume the sampled token; False if the grammar did not allow it (a bug: the mask forbids that)."""
-        return bool(self._m.consume_token(token))
+        ok = bool(self._m.consume_token(token))
+        self._consumed += 1
+        if self._lex is not None:
+            self._lex = json_lex(self._table.texts[token], *self._lex)[:2]
+        if self._path:  # still the closing path if the token followed it
+            self._path = self._path[1:] if self._path[0] == token else None
+        return ok
 
     @property
     def finished(self) -> bool:
@@ -61,46 +295,125 @@ class Matcher:
 
     @property
     def error(self) -> str | None:
-        """What went wrong (its first line: llguidance goes on with its parser state), or None."""
+        """What went wrong (its first line), or None."""
         return _first_line(self._m.get_error()) if self._m.is_error() else None
 
     def fill(self, bitmask: torch.Tensor) -> None:
-        """Write the allowed-token bitmask (int32 words, bit i of word w = token 32w+i) into ``bitmask``."""
+        """Write the allowed-token bitmask (int32 words, bit i of word w = token 32w+i) into ``bitmask`` (CPU)."""
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
+        if self._m.is_error():
+            return
+        words = bitmask.numpy()
+        if self._lex is not None:
+            self._bound_numbers(words)
+        if self._max_tokens is not None and self._closing_length is not None:
+            self._close(words)
+
+    def _bound_numbers(self, words: np.ndarray) -> None:
+        allowed = self._table.number_bound(*self._lex)
+        if allowed is None:
+            return
+        bounded = words & allowed
+        if bounded.any():  # else the grammar itself needs more digits (a long const, a minimum of 1e20): it wins
+            words[:] = bounded
+
+    def _close(self, words: np.ndarray) -> None:
+        left = self._max_tokens - self._consumed
+        if left > self._closing_length + CLOSING_SLACK + CLOSING_MARGIN:
+            return
+        if self._path is None:
+            self._path = closing_path(self._m, self._table, self._lex)
+            if self._path is None:  # longer than the search cap: closing is off for this sequence
+                self._closing_length = None
+                return
+        self._closing_length = len(self._path)
+        if left < len(self._path):  # it cannot close in time: as without the strategy (finish_reason length)
+            self._closing_length = None
+            return
+        if left > len(self._path) + CLOSING_SLACK:
+            return
+        first = self._path[0]
+        continuing = self._table.continuing(self._lex[0]) if self._lex is not None and left > len(self._path) else None
+        if continuing is None:
+            words[:] = 0
+        else:
+            words &= continuing
+        words.view(np.uint32)[first >> 5] |= np.uint32(1 << (first & 31))
 
 
 class Grammar:
     """A compiled grammar; ``matcher()`` gives each sequence its own state."""
 
-    def __init__(self, template, spec: GrammarSpec) -> None:
+    def __init__(self, template, spec: GrammarSpec, table: TokenTable | None = None, closing_length: int | None = None) -> None:
         self._template = template
+        self._table = table
+        self._closing_length = closing_length  # tokens the closing path needs from the start; None: no closing
         self.spec = spec
 
-    def matcher(self) -> Matcher:
-        return Matcher(self._template.deep_copy())
+    def matcher(self, max_tokens: int | None = None) -> Matcher:
+        """A fresh matcher; with ``max_tokens`` (the sequence's budget) it closes the answer before the budget ends."""
+        closing = self._closing_length if max_tokens is not None else None
+        return Matcher(self._template.deep_copy(), self._table, self.spec.kind == "json_schema", max_tokens, closing)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a spec cannot be compiled, without the request parameter it came in (cached: each request names its own)."""
+
+    subject: str  # "invalid json_schema", "the regex"
+    problem: str  # ": ...", " cannot be compiled: ..."
+
+    def error(self, param: str) -> InvalidRequest:
+        return InvalidRequest(f"{self.subject} in '{param}'{self.problem}", param=param)
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal):
+        super().__init__(refusal.subject + refusal.problem)
+        self.refusal = refusal
+
+
+@cache
+def _parser_limits():
+    """llguidance's default resource limits, with errors that never include parser state (they reach clients)."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(verbose_errors=False)
 
 
 class GrammarCompiler:
-    """Compiles ``GrammarSpec``s for one tokenizer, with an LRU cache keyed by the spec's text."""
+    """Compiles ``GrammarSpec``s for one tokenizer, with an LRU cache of outcomes keyed by the spec's text.
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | None):
+    ``bound_outputs=False`` compiles as before the number bound and the closing strategy existed (kept to measure
+    them: ``benchmarks/structured_outputs.py``)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | None, compile_timeout: float = COMPILE_TIMEOUT, bound_outputs: bool = True):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
+        self.compile_timeout = compile_timeout
+        self.bound_outputs = bound_outputs
         self._lltokenizer = None
-        self._cache: OrderedDict[GrammarSpec, Grammar] = OrderedDict()
+        self._table: TokenTable | None = None
+        self._cache: OrderedDict[GrammarSpec, Grammar | Refusal] = OrderedDict()
+        self._pending: dict[GrammarSpec, Future] = {}  # compiles in flight, shared by requests with the same spec
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
     def _ll_tokenizer(self, param: str):
-        """llguidance's view of the tokenizer (built once, ~0.5 s for a 49k vocabulary)."""
-        if self._lltokenizer is None:
-            import llguidance.hf
+        """llguidance's view of the tokenizer and the token table (built once, ~1 s for a 49k vocabulary)."""
+        with self._tokenizer_lock:  # not the cache's lock: lookups never wait for this
+            if self._lltokenizer is None:
+                import llguidance.hf
 
-            try:
-                self._lltokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_id)
-            except Exception as exc:  # a slow (Python) tokenizer, or one llguidance cannot read
-                raise InvalidRequest(f"structured outputs are not available for this model's tokenizer: {exc}", param=param) from None
-        return self._lltokenizer
+                try:
+                    lltokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_id)
+                except Exception as exc:  # a slow (Python) tokenizer, or one llguidance cannot read
+                    raise InvalidRequest(f"structured outputs are not available for this model's tokenizer: {exc}", param=param) from None
+                self._table = TokenTable(lltokenizer, self.vocab_size, self.eos_token_id) if self.bound_outputs else None
+                self._lltokenizer = lltokenizer
+            return self._lltokenizer
 
     def prepare(self) -> str | None:
         """Build the tokenizer view at start-up (not on the first request); the reason if it cannot be built."""
@@ -111,41 +424,123 @@ class GrammarCompiler:
         return None
 
     def compile(self, spec: GrammarSpec, param: str) -> Grammar:
-        """The compiled grammar for ``spec``; ``InvalidRequest`` naming ``param`` if it cannot be compiled."""
-        with self._lock:
-            grammar = self._cache.get(spec)
-            if grammar is not None:
-                self._cache.move_to_end(spec)
-                return grammar
-            grammar = self._compile(spec, param)
-            self._cache[spec] = grammar
-            if len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-            return grammar
+        """The compiled grammar for ``spec``; ``InvalidRequest`` naming ``param`` if it cannot be compiled. Blocks
+        for the compile (up to ~1 s): on the event loop, await ``compile_async`` instead."""
+        _check_size(spec, param)
+        self._ll_tokenizer(param)
+        return _grammar_or_raise(self._outcome(spec), param)
 
-    def _compile(self, spec: GrammarSpec, param: str) -> Grammar:
+    async def compile_async(self, spec: GrammarSpec, param: str) -> Grammar:
+        """``compile`` off the event loop: in the compile thread, at most ``compile_timeout`` seconds. A grammar
+        whose compile runs longer is refused with a 400 and remembered as refused; its compile thread cannot be
+        interrupted, so later compiles get a new one. A compile that waited that long behind another is a 503."""
+        _check_size(spec, param)
+        with self._lock:
+            outcome = self._cached(spec)
+        if outcome is not None:
+            return _grammar_or_raise(outcome, param)
+        future = self._submit(spec, param)
+        done, _ = await asyncio.wait({asyncio.wrap_future(future)}, timeout=self.compile_timeout)
+        if done:
+            return _grammar_or_raise(done.pop().result(), param)
+        if not future.running():
+            message = f"the {spec.kind} in '{param}' was not compiled within {self.compile_timeout:g} s: the server is busy; retry"
+            raise PredictorError(message, param=param, status=503, code="busy")
+        refusal = Refusal(f"the {spec.kind}", f" took longer than {self.compile_timeout:g} s to compile; simplify it")
+        with self._lock:
+            if not isinstance(self._cache.get(spec), Refusal):  # the first of its requests to give up on it
+                self._store(spec, refusal)
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False)
+                    self._executor = None
+        raise refusal.error(param)
+
+    def _submit(self, spec: GrammarSpec, param: str) -> Future:
+        with self._lock:
+            future = self._pending.get(spec)
+            if future is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+                future = self._executor.submit(self._compile_job, spec, param)
+                self._pending[spec] = future
+                future.add_done_callback(lambda _: self._forget(spec, future))
+            return future
+
+    def _forget(self, spec: GrammarSpec, future: Future) -> None:
+        with self._lock:
+            if self._pending.get(spec) is future:
+                del self._pending[spec]
+
+    def _compile_job(self, spec: GrammarSpec, param: str) -> Grammar | Refusal:
+        self._ll_tokenizer(param)  # built at start-up (prepare); if it cannot be, every request is told so (not cached)
+        return self._outcome(spec)
+
+    def _cached(self, spec: GrammarSpec) -> Grammar | Refusal | None:
+        outcome = self._cache.get(spec)
+        if outcome is not None:
+            self._cache.move_to_end(spec)
+        return outcome
+
+    def _store(self, spec: GrammarSpec, outcome: Grammar | Refusal) -> None:
+        self._cache[spec] = outcome
+        self._cache.move_to_end(spec)
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    def _outcome(self, spec: GrammarSpec) -> Grammar | Refusal:
+        """The cached outcome for ``spec``, or its compile (outside the lock: a long compile blocks no lookup)."""
+        with self._lock:
+            outcome = self._cached(spec)
+        if outcome is not None:
+            return outcome
+        try:
+            outcome = self._compile(spec)
+        except _Refused as refused:
+            outcome = refused.refusal
+        with self._lock:
+            if spec not in self._cache:  # a compile that timed out stays refused
+                self._store(spec, outcome)
+            return self._cache[spec]
+
+    def _compile(self, spec: GrammarSpec) -> Grammar:
         from llguidance import LLMatcher
 
-        tokenizer = self._ll_tokenizer(param)
         try:
             text = _grammar_text(spec)
         except ValueError as exc:
-            raise InvalidRequest(f"invalid {spec.kind} in '{param}': {exc}", param=param) from None
-        problem = LLMatcher.validate_grammar(text, tokenizer)
-        if problem and not problem.startswith("WARNING"):
-            raise InvalidRequest(f"the {spec.kind} in '{param}' cannot be compiled: {problem}", param=param)
-        matcher = LLMatcher(tokenizer, text, log_level=0)
+            raise _Refused(Refusal(f"invalid {spec.kind}", f": {exc}")) from None
+        matcher = LLMatcher(self._lltokenizer, text, log_level=0, limits=_parser_limits())
         if not matcher.is_error():  # some grammars fail only when a mask is computed (a $ref loop, a lexer too large)
-            probe = Matcher(matcher.deep_copy())
-            probe.fill(torch.empty(-(-self.vocab_size // 32), dtype=torch.int32))
-            if probe.error is None:
-                return Grammar(matcher, spec)
-            matcher = probe._m  # the error is the probe's
-        raise InvalidRequest(f"the {spec.kind} in '{param}' cannot be compiled: {Matcher(matcher).error}", param=param)
+            probe = matcher.deep_copy()
+            scratch = np.zeros(-(-self.vocab_size // 32), dtype=np.int32)
+            probe.unsafe_compute_mask_ptr(scratch.ctypes.data, scratch.nbytes)
+            if not probe.is_error():
+                lex = (OUT, 0) if spec.kind == "json_schema" else None
+                path = closing_path(matcher, self._table, lex) if self._table is not None else None
+                return Grammar(matcher, spec, self._table, len(path) if path is not None else None)
+            matcher = probe
+        problem = _first_line(matcher.get_error())
+        if spec.kind == "json_schema":
+            cycle = ref_cycle(json.loads(spec.source))
+            if cycle:
+                problem = f"it refers to itself without writing anything in between ($ref cycle {' → '.join(cycle)})"
+        raise _Refused(Refusal(f"the {spec.kind}", f" cannot be compiled: {problem}"))
+
+
+def _grammar_or_raise(outcome: Grammar | Refusal, param: str) -> Grammar:
+    if isinstance(outcome, Refusal):
+        raise outcome.error(param)
+    return outcome
+
+
+def _check_size(spec: GrammarSpec, param: str) -> None:
+    if len(spec.source) > MAX_GRAMMAR_CHARS:
+        what = " as compact JSON" if spec.kind == "json_schema" else ""
+        raise InvalidRequest(f"the {spec.kind} in '{param}' is too large: {len(spec.source):,} characters{what}, at most {MAX_GRAMMAR_CHARS:,}", param=param)
 
 
 def _first_line(message: str) -> str:
-    """llguidance's errors go on with its parser state; the first line says what is wrong."""
+    """llguidance's errors may go on with details; the first line says what is wrong."""
     return message.strip().splitlines()[0] if message.strip() else "unknown error"
 
 
@@ -154,8 +549,14 @@ def _grammar_text(spec: GrammarSpec) -> str:
     from llguidance import LLMatcher
 
     if spec.kind == "json_schema":
-        schema = json.loads(spec.source)
+        try:
+            schema = json.loads(spec.source)
+        except RecursionError:
+            raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep") from None
         check_schema(schema)
+        cycle = ref_cycle(schema, through=("allOf",))  # every member must hold: a loop is an endless regress, never a value
+        if cycle:
+            raise ValueError(f"it refers to itself without writing anything in between ($ref cycle {' → '.join(cycle)})")
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if spec.kind == "regex":
         return LLMatcher.grammar_from_regex(spec.source)
@@ -169,20 +570,119 @@ def _grammar_text(spec: GrammarSpec) -> str:
             return LLMatcher.grammar_from_lark(any_to_lark(spec.source))
         except GbnfToLarkError as exc:  # a GBNF grammar llguidance cannot translate: the request's fault
             raise ValueError(str(exc)) from None
+        except RecursionError:  # the GBNF translator recurses per nesting level
+            raise ValueError("the grammar is nested too deeply") from None
     raise ValueError(f"unknown grammar kind {spec.kind!r}")
 
 
-def check_schema(schema) -> None:
-    """A JSON schema must itself be valid (draft 2020-12 unless it says otherwise)."""
+def check_schema(schema: Any) -> None:
+    """A JSON schema must itself be valid (draft 2020-12 unless it says otherwise), and within what this server
+    compiles: at most ``MAX_SCHEMA_DEPTH`` levels deep and ``MAX_MULTIPLE_OF`` of multipleOf. ``ValueError`` names
+    the problem. The checks that jsonschema cannot do on malformed input (``$schema`` not a string) come first."""
     import jsonschema
 
     if not isinstance(schema, dict):
         raise ValueError("a JSON schema must be an object")
+    depth, multiples = _shape(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        raise ValueError(f"$schema must be a string (a metaschema URI), not {type(schema['$schema']).__name__}")
     try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise ValueError(f"not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}") from None
+    except RecursionError:  # a pattern nested hundreds of groups deep: Python's regex parser recurses per group
+        raise ValueError("the schema has a pattern nested too deeply to check") from None
+    units = sum(_multiple_of_units(value) for value in multiples)
+    if units > MAX_MULTIPLE_OF:
+        raise ValueError(
+            f"its multipleOf values are too fine-grained to compile here: {', '.join(map(str, sorted(multiples)[:5]))} "
+            f"(their digits read as integers sum to {units:,}; at most {MAX_MULTIPLE_OF:,})"
+        )
+
+
+def _shape(schema: dict) -> tuple[int, set]:
+    """(nesting depth, stopping past ``MAX_SCHEMA_DEPTH``; the distinct numeric multipleOf values), without recursion."""
+    deepest, multiples = 0, set()
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SCHEMA_DEPTH:
+            break
+        if isinstance(value, dict):
+            multiple = value.get("multipleOf")
+            if isinstance(multiple, int | float) and not isinstance(multiple, bool):
+                multiples.add(multiple)
+            stack.extend((child, depth + 1) for child in value.values() if isinstance(child, dict | list))
+        elif isinstance(value, list):
+            stack.extend((child, depth + 1) for child in value if isinstance(child, dict | list))
+    return deepest, multiples
+
+
+def _multiple_of_units(value: float) -> int:
+    """The integer llguidance's divisibility automaton is built for: the value itself if integral, else its digits
+    (0.25 → 25). Non-finite values count as too many (jsonschema lets ``1e400``, read as infinity, through)."""
+    number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if not number.is_finite():
+        return MAX_MULTIPLE_OF + 1
+    if number == number.to_integral_value():
+        return int(number)
+    return int(number.scaleb(-number.as_tuple().exponent))
+
+
+def ref_cycle(schema: Any, through: tuple[str, ...] = ("allOf", "anyOf", "oneOf")) -> list[str] | None:
+    """A loop of local ``$ref``s (and members of the combinators ``through``) that returns to a subschema without
+    any output in between, as JSON pointers (``['#', '#/$defs/a', '#']``); None if there is none. Iterative."""
+    nodes: dict[str, dict] = {}
+    stack: list[tuple[str, Any]] = [("#", schema)]
+    while stack:
+        pointer, value = stack.pop()
+        if isinstance(value, dict):
+            nodes[pointer] = value
+            stack.extend((f"{pointer}/{_escape(str(key))}", child) for key, child in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{pointer}/{index}", child) for index, child in enumerate(value))
+
+    def in_place(pointer: str) -> list[str]:
+        """The subschemas that apply at the same place in the output as ``pointer``'s."""
+        node = nodes[pointer]
+        targets = []
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            target = "#" + unquote(ref[1:]).rstrip("/")
+            if target in nodes:
+                targets.append(target)
+        for key in through:
+            if isinstance(node.get(key), list):
+                targets += [f"{pointer}/{key}/{index}" for index, child in enumerate(node[key]) if isinstance(child, dict)]
+        return targets
+
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in nodes:
+        if root in state:
+            continue
+        path, iterators = [root], [iter(in_place(root))]
+        state[root] = 1
+        while path:
+            target = next(iterators[-1], None)
+            if target is None:
+                state[path.pop()] = 2
+                iterators.pop()
+            elif state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            elif target not in state:
+                state[target] = 1
+                path.append(target)
+                iterators.append(iter(in_place(target)))
+    return None
+
+
+def _escape(key: str) -> str:
+    """A JSON pointer token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def token_masks(matchers: list[Matcher], vocab_size: int, width: int) -> torch.Tensor:

@@ -1,97 +1,96 @@
-"""How client errors look on the wire, and the request-body size limit.
+"""How errors look on the HTTP wire: one handler per kind, each reading ``predictor/errors.py``'s table.
 
-OpenAI routes answer with the OpenAI error body; the KServe routes (V1, V2, generate) with KServe's
-``{"error": "..."}``. Both carry the status of the mistake (400, 404, 413), never a 500. Overload is 429 with ``Retry-After``;
-shutdown 503; a request past ``--request_timeout`` 504.
+OpenAI routes (and vLLM's token routes) answer with the OpenAI error body
+``{"error": {"message", "type", "param", "code"}}``; the KServe routes (V1, V2, generate) with KServe's
+``{"error": "..."}``. Overload is 429 with ``Retry-After``. A client error is one log line (a client cannot flood
+the log with tracebacks); a server error logs its traceback once, under its request id, and its body says only
+that id.
 """
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..engine import EngineError, EngineStopped, QueueFull
-from ..generation import ClientDisconnected
-from ..sampling import InvalidRequest
-from .openai import PREFIXES, openai_error
-from .sse import error_status
+from ..errors import PredictorError, QueueFull, from_kserve, internal_error
+from ..request_context import current_request_id
+from .openai import PREFIXES
+
+logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
 
 # How long a client told 429 should wait before retrying (the Retry-After header).
 RETRY_AFTER_SECONDS = 1
-
 
 # vLLM's token routes sit outside /v1 but answer errors as its OpenAI routes do.
 OPENAI_STYLE_PATHS = ("/tokenize", "/detokenize")
 
 
-def _is_openai(path: str) -> bool:
+def is_openai_path(path: str) -> bool:
     if path in OPENAI_STYLE_PATHS:
         return True
     return any(path.startswith(prefix + "/") and not path.startswith("/v1/models/") for prefix in PREFIXES)
 
 
-def error_response(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    if _is_openai(path):
-        return openai_error(status, message, param, code)
-    return JSONResponse(status_code=status, content={"error": message})
+def openai_error_body(exc: PredictorError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param, "code": exc.code}}
 
 
-def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
-    async def invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code)
+def error_response(path: str, exc: PredictorError) -> JSONResponse:
+    body = openai_error_body(exc) if is_openai_path(path) else {"error": exc.message}
+    response = JSONResponse(status_code=exc.status, content=body)
+    if isinstance(exc, QueueFull):
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def log_client_error(where: str, exc: PredictorError) -> None:
+    """One line per client error, at INFO: the status and the message, never a traceback."""
+    logger.info("%s -> %d %s", where, exc.status, exc.message)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Handlers for every error a route can raise, KServe's own included (registered after KServe's, they replace
+    its handlers, which log a traceback for every 400 and put exception text in 500 bodies)."""
+
+    async def predictor_error(request: Request, exc: PredictorError) -> JSONResponse:
+        if exc.client_error:
+            log_client_error(f"{request.method} {request.url.path}", exc)
+        return error_response(request.url.path, exc)
 
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        from ..errors import InvalidRequest
+
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if p != "body") or None
-        return error_response(request.url.path, 400, f"invalid request body at '{param}': {err['msg']}", param)
+        return await predictor_error(request, InvalidRequest(f"invalid request body at '{param}': {err['msg']}", param=param))
 
-    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        if isinstance(exc, QueueFull):
-            response = error_response(request.url.path, 429, str(exc), code="queue_full")
-            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-            return response
-        if isinstance(exc, EngineStopped):
-            return error_response(request.url.path, 503, str(exc), code="shutting_down")
-        return error_response(request.url.path, error_status(exc), str(exc))
+    async def kserve_error(request: Request, exc: Exception) -> JSONResponse:
+        mapped = from_kserve(exc)
+        if mapped is None:
+            return await unexpected(request, exc)
+        return await predictor_error(request, mapped)
 
-    async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:
-        return error_response(request.url.path, 499, "client closed the request")
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = current_request_id()
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(request.url.path, PredictorError(internal_error(request_id), status=500, code="internal_error"))
 
-    app.add_exception_handler(InvalidRequest, invalid_request)
+    from kserve import errors as kserve_errors
+
+    app.add_exception_handler(PredictorError, predictor_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
-    app.add_exception_handler(EngineError, engine_error)
-    app.add_exception_handler(ClientDisconnected, disconnected)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-
-
-class BodyLimitMiddleware:
-    """Answer 413 to a request body over ``max_bytes``, whether it announces its length or streams it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        message = f"request body is larger than the server's limit of {self.max_bytes} bytes (--max_body_bytes)"
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await error_response(path, 413, message)(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_bytes:
-                    raise InvalidRequest(message, status=413)
-            return msg
-
-        await self.app(scope, limited_receive, send)
+    for kind in (
+        kserve_errors.InvalidInput,
+        kserve_errors.ModelNotFound,
+        kserve_errors.ModelNotReady,
+        kserve_errors.ServerNotReady,
+        kserve_errors.ServerNotLive,
+        kserve_errors.UnsupportedProtocol,
+        kserve_errors.InferenceError,
+        NotImplementedError,
+    ):
+        app.add_exception_handler(kind, kserve_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -6,17 +6,17 @@ server-sent events, one JSON object per text delta; the last carries ``finish_re
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from ..errors import InvalidRequest
 from ..generation import Generation
-from ..sampling import GenerationRequest, InvalidRequest
-from .schema import GenerateRequest, SamplingFields, validation_error
-from .sse import error_status, event_stream, sse
+from ..sampling import GenerationRequest
+from .schema import GenerateRequest, SamplingFields, parse_json, validation_error
+from .sse import event_stream, sse
 
 
 class GenerateRoutes:
@@ -24,13 +24,10 @@ class GenerateRoutes:
         self.model_name = model_name
         self.gen = generation
 
-    def _request(self, model_name: str, raw: bytes) -> GenerationRequest:
+    async def _request(self, model_name: str, raw: bytes) -> GenerationRequest:
         if model_name != self.model_name:
             raise InvalidRequest(f"model {model_name} is not found", status=404)
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        data = parse_json(raw)
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
         # Triton's generate puts parameters beside text_input; fold them into "parameters".
@@ -43,10 +40,10 @@ class GenerateRoutes:
             raise validation_error(exc) from None
         ids = self.gen.encode(body.text_input, param="text_input")
         max_tokens = self.gen.max_tokens(ids, body.parameters.max_tokens)
-        return self.gen.request(ids, body.parameters.sampling_params(max_tokens, self.gen.loaded.sampling_defaults))
+        return await self.gen.request(ids, body.parameters.sampling_params(max_tokens, self.gen.loaded.sampling_defaults))
 
     async def generate(self, model_name: str, request: Request) -> dict:
-        (done,) = await self.gen.complete_all([self._request(model_name, await request.body())], request.is_disconnected)
+        (done,) = await self.gen.complete_all([await self._request(model_name, await request.body())], request.is_disconnected)
         return {
             "model_name": self.model_name,
             "model_version": None,
@@ -56,7 +53,7 @@ class GenerateRoutes:
         }
 
     async def generate_stream(self, model_name: str, request: Request) -> StreamingResponse:
-        (seq,) = self.gen.submit_all([self._request(model_name, await request.body())])
+        (seq,) = self.gen.submit_all([await self._request(model_name, await request.body())])
 
         async def events() -> AsyncIterator[str]:
             async for out in seq.stream():
@@ -65,7 +62,7 @@ class GenerateRoutes:
                     event["finish_reason"] = out.finish_reason
                 yield sse(event)
 
-        return event_stream(events(), lambda exc: [sse({"error": str(exc), "code": error_status(exc)})])
+        return event_stream(events(), lambda exc: [sse({"error": exc.message, "code": exc.status})])
 
 
 def register(app: FastAPI, routes: GenerateRoutes) -> None:

@@ -13,22 +13,23 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from ..engine import EngineError, Sequence
+from ..engine import Sequence
+from ..errors import InvalidRequest, PredictorError
 from ..generation import Completion, Generation
-from ..sampling import GenerationRequest, GrammarSpec, InvalidRequest, StepOutput, TokenLogprob
+from ..request_context import current_request_id
+from ..sampling import GenerationRequest, GrammarSpec, StepOutput, TokenLogprob, seed_for_choice
 from . import tool_calls
 from .schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice, parse
-from .sse import error_status, event_stream, sse
+from .sse import event_stream, sse
 
 PREFIXES = ("/openai/v1", "/v1")
 
 
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
-    body = {"error": {"message": message, "type": kind.get(status, "invalid_request_error" if status < 500 else "server_error"), "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body)
+def response_id(prefix: str) -> str:
+    """OpenAI's ``id``: the request id (``X-Request-Id``) behind the object's prefix, as vLLM writes it."""
+    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
 
 
 class OpenAIRoutes:
@@ -51,12 +52,12 @@ class OpenAIRoutes:
 
     async def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm", "max_model_len": self.gen.loaded.max_model_len}
-        # LoRA adapters as vLLM lists them: root is the adapter's directory, parent the base model
-        adapters = [{**card, "id": a.name, "root": str(a.path), "parent": self.model_name} for a in self.gen.lora_adapters.values()]
+        # LoRA adapters as vLLM lists them, parent the base model; root is the adapter's name (its directory is the server's business)
+        adapters = [{**card, "id": a.name, "root": a.name, "parent": self.model_name} for a in self.gen.lora_adapters.values()]
         # "models" keeps KServe V1's GET /v1/models answer, which shares this path, for V1 clients.
         return {"object": "list", "data": [card, *adapters], "models": [self.model_name]}
 
-    def _choices(
+    async def _choices(
         self, ids, body, max_tokens: int, logprobs: int | None, first_index: int = 0, prompt_logprobs: bool = False, structured: GrammarSpec | None = None
     ):
         """The ``n`` requests for one prompt, as (choice index, request); with a seed, choice j uses seed + j."""
@@ -65,8 +66,9 @@ class OpenAIRoutes:
             params = body.sampling_params(max_tokens, self.gen.loaded.sampling_defaults, logprobs, body.logit_bias)
             params.structured = structured
             if params.seed is not None:
-                params.seed += j
-            jobs.append((first_index + j, self.gen.request(ids, params, prompt_logprobs=prompt_logprobs, lora=self._lora(body.model))))
+                params.seed = seed_for_choice(params.seed, j)
+            index = first_index + j
+            jobs.append((index, await self.gen.request(ids, params, prompt_logprobs=prompt_logprobs, lora=self._lora(body.model), index=index)))
         return jobs
 
     # ---- completions -------------------------------------------------------------------------------
@@ -89,8 +91,8 @@ class OpenAIRoutes:
             prompt_token_total += len(ids)
             max_tokens = self.gen.max_tokens(ids, body.max_tokens)
             prompt_logprobs = body.echo and body.logprobs is not None
-            jobs += self._choices(ids, body, max_tokens, body.logprobs, first_index=i * body.n, prompt_logprobs=prompt_logprobs, structured=structured)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+            jobs += await self._choices(ids, body, max_tokens, body.logprobs, first_index=i * body.n, prompt_logprobs=prompt_logprobs, structured=structured)
+        rid = response_id("cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             seqs = self.gen.submit_all([req for _, req in jobs])
@@ -165,8 +167,8 @@ class OpenAIRoutes:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = self.gen.max_tokens(ids, requested, default=None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = self._choices(ids, body, max_tokens, logprobs, structured=structured)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = await self._choices(ids, body, max_tokens, logprobs, structured=structured)
+        rid = response_id("chatcmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             seqs = self.gen.submit_all([req for _, req in jobs])
@@ -319,8 +321,8 @@ async def _merge(jobs: list[tuple[int, GenerationRequest]], seqs: list[Sequence]
 
 
 def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    def error_events(exc: EngineError) -> list[str]:
-        return [sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": error_status(exc)}}), sse("[DONE]")]
+    def error_events(exc: PredictorError) -> list[str]:
+        return [sse({"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param, "code": exc.status}}), sse("[DONE]")]
 
     return event_stream(events, error_events)
 

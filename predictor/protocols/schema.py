@@ -7,11 +7,17 @@ is converted to ``SamplingParams`` in one place.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..sampling import GrammarSpec, InvalidRequest, SamplingParams
+from ..errors import InvalidRequest
+from ..sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS, GrammarSpec, SamplingParams
+
+# Every integer of a request is bounded: ranges the engine can hold, checked before anything is queued.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class _Strict(BaseModel):
@@ -21,20 +27,20 @@ class _Strict(BaseModel):
 class SamplingFields(_Strict):
     """Sampling parameters accepted by every route (OpenAI names, with vLLM's extensions)."""
 
-    max_tokens: int | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
     # None: the model's generation_config.json value if it has one (see loading.sampling_defaults), else
     # the OpenAI / vLLM default in SamplingParams.
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     min_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Count = 0
 
     def sampling_params(self, max_tokens: int, defaults: dict[str, float], logprobs: int | None = None, logit_bias: dict | None = None) -> SamplingParams:
         """``defaults`` (the model's recommended sampling) fill the fields the request leaves unset."""
@@ -117,10 +123,7 @@ def json_schema_spec(schema: dict | str, param: str, strict: bool = False) -> Gr
     """A JSON schema (object, or its text) as a hashable spec: compact JSON, keys in their given order (the order
     the output writes them), so equal schemas share a compile; ``strict`` closes its objects (:func:`closed`)."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as exc:
-            raise InvalidRequest(f"'{param}' is not valid JSON: {exc}", param=param) from None
+        schema = parse_json(schema, param)
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
     return GrammarSpec("json_schema", json.dumps(closed(schema) if strict else schema, separators=(",", ":")), param)
@@ -183,10 +186,10 @@ def _spec(key: str, value: Any, param: str) -> GrammarSpec:
 
 
 class CompletionRequest(_OpenAIFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Int64 | None = None
     suffix: str | None = None
 
 
@@ -203,7 +206,7 @@ class FunctionCall(_Strict):
     @classmethod
     def _an_object(cls, value: str) -> str:
         try:
-            decoded = json.loads(value)
+            decoded = pydantic_core.from_json(value)  # its depth limit, not Python's recursion
         except ValueError as exc:
             raise ValueError(f"arguments must be a JSON object, as text: {exc}") from None
         if not isinstance(decoded, dict):
@@ -274,9 +277,9 @@ class NamedToolChoice(_Strict):
 
 class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -287,6 +290,18 @@ class GenerateRequest(_Strict):
 
     text_input: str
     parameters: SamplingFields = Field(default_factory=SamplingFields)
+
+
+def parse_json(text: bytes | str, param: str | None = None) -> Any:
+    """JSON (the request body, or the text of parameter ``param``), parsed by pydantic's parser: its depth limit makes
+    JSON nested thousands of levels a 400, not a RecursionError."""
+    what = f"'{param}'" if param else "request body"
+    try:
+        return pydantic_core.from_json(text)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise InvalidRequest(f"{what} is nested too deeply (JSON parser limit): {exc}", param=param) from None
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}", param=param) from None
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -302,7 +317,11 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     err = exc.errors(include_url=False)[0]
     param = ".".join(str(part) for part in err["loc"]) or None
     if err["type"] == "json_invalid":
+        if "recursion limit" in err["msg"]:
+            return InvalidRequest(f"request body is nested too deeply (JSON parser limit): {err['msg']}", param=param)
         return InvalidRequest(f"request body is not valid JSON: {err['msg']}", param=None)
+    if param is None:  # the body itself is not an object
+        return InvalidRequest(f"request body must be a JSON object: {err['msg']}", param=None)
     if err["type"] == "extra_forbidden":
         return InvalidRequest(f"unknown parameter '{param}'", param=param)
     if err["type"] == "missing":

@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
-from ..engine import EngineError, GrammarFailed, RequestTimeout
+from ..errors import PredictorError
+
+logger = logging.getLogger("kserve")
 
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def error_status(exc: EngineError) -> int:
-    """504 for a request past ``--request_timeout``; 400 for its own grammar failing; 503 for shutdown or an engine failure."""
-    if isinstance(exc, GrammarFailed):
-        return 400
-    return 504 if isinstance(exc, RequestTimeout) else 503
-
-
-def event_stream(events: AsyncIterator[str], error_events: Callable[[EngineError], list[str]]) -> StreamingResponse:
-    """Stream ``events``; an engine error after the stream has begun becomes ``error_events(exc)``."""
+def event_stream(events: AsyncIterator[str], error_events: Callable[[PredictorError], list[str]]) -> StreamingResponse:
+    """Stream ``events``; an error after the stream has begun (its status line is sent) becomes ``error_events(exc)``."""
 
     async def guarded() -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield event
-        except EngineError as exc:
+        except PredictorError as exc:
+            if exc.client_error:
+                logger.info("stream ended by a client error: %d %s", exc.status, exc.message)
             for event in error_events(exc):
                 yield event
 

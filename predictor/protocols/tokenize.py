@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 
+from ..errors import InvalidRequest
 from ..generation import Generation
-from ..sampling import InvalidRequest
 from . import tool_calls
 from .schema import ChatMessage, Tool, _Strict, parse
 

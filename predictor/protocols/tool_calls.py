@@ -280,7 +280,7 @@ class _CallScanner:
             return end, True
         try:  # the object is complete but not in the streamable shape: a call only if it has the keys
             obj = json.loads(body[:end])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses: text, not a call
             return end, False
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not ({"arguments", "parameters"} & obj.keys()):
             return end, False

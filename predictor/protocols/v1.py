@@ -6,22 +6,18 @@ to every instance; an instance's own fields override them.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
 
+from ..errors import InvalidRequest
 from ..generation import Generation
-from ..sampling import InvalidRequest
-from .schema import SamplingFields, validation_error
+from .schema import SamplingFields, parse_json, validation_error
 
 
 async def predict(gen: Generation, payload: Any) -> dict:
     if isinstance(payload, (bytes, str)):  # a body sent without a JSON content type
-        try:
-            payload = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        payload = parse_json(payload)
     if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
         raise InvalidRequest("expected a JSON object with an 'instances' list", param="instances")
     unknown = sorted(set(payload) - {"instances", "parameters"})
@@ -46,6 +42,7 @@ async def predict(gen: Generation, payload: Any) -> dict:
         except ValidationError as exc:
             raise validation_error(exc) from None
         ids = gen.encode(prompt, param=f"instances.{i}")
-        requests.append(gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens), gen.loaded.sampling_defaults)))
-    results = await gen.complete_all(requests)
+        params = fields.sampling_params(gen.max_tokens(ids, fields.max_tokens), gen.loaded.sampling_defaults)
+        requests.append(await gen.request(ids, params, index=i))
+    results = await gen.complete_all(requests, param="instances")
     return {"predictions": [r.text for r in results]}
