@@ -164,6 +164,20 @@ def test_security_defaults_inside_the_custom_resources(values):
             "lora.adapters with multiNode",
         ),
         (["--set", "lora.adapters[0].name=Bad_Name", "--set", "lora.adapters[0].storageUri=s3://a"], "name"),
+        (["--set", "tracing.enabled=true"], "tracing.enabled needs tracing.otlpEndpoint"),
+        (["--set", "tracing.otlpEndpoint=otel-collector:4317"], "/tracing/otlpEndpoint"),
+        (["--set", "tracing.sampler=xray"], "/tracing/sampler"),
+        (["--set", "tracing.samplerArg=0.5"], "at '/tracing/sampler': value must be one of 'parentbased_traceidratio', 'traceidratio'"),
+        (["--set", "tracing.sampler=traceidratio", "--set", "tracing.samplerArg=2"], "/tracing/samplerArg"),
+        (["--set", "tracing.sampler=traceidratio", "--set-string", "tracing.samplerArg=half"], "/tracing/samplerArg"),
+        (["--set", "auth.apiKey.existingSecret=Bad_Name"], "/auth/apiKey/existingSecret"),
+        (["--set", "auth.apiKey.existingSecret=llm-api-key", "--set", "auth.apiKey.secretKey="], "/auth/apiKey/secretKey"),
+        (["--set", "auth.apiKey.token=abc"], "token"),
+        (["--set-string", "lora.runtimeUpdates=yes"], "/lora/runtimeUpdates"),
+        (
+            ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "lora.runtimeUpdates=true"],
+            "lora.runtimeUpdates with multiNode.enabled is not supported",
+        ),
         (["--set", "model.storageUri=ftp://x"], "storageUri"),
         (["--set", "autoscaling.mode=fast"], "mode"),
         (["--set", "gpu.count=-1"], "count"),
@@ -461,3 +475,167 @@ def test_lora_adapters_are_fetched_by_kserve_and_passed_to_either_engine():
         "maxRank": 32,
     }
     validate(llmisvc)
+
+
+HARDENED = str(CHART / "ci" / "hardened-values.yaml")
+HARDENED_LLMISVC = str(CHART / "ci" / "llmisvc-vllm-hardened-values.yaml")
+TRACES_URL = "http://otel-collector.observability:4318/v1/traces"
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    """A container's env entries by name (each a {value} or {valueFrom})."""
+    return {e["name"]: {k: v for k, v in e.items() if k != "name"} for e in container.get("env", [])}
+
+
+def helm_test_pod(docs: list[dict]) -> dict:
+    (pod,) = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    return pod
+
+
+def secret_ref(name: str, key: str) -> dict:
+    return {"valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+
+def test_api_key_comes_from_the_secret_as_env_for_either_engine_and_kind():
+    docs = render("-f", HARDENED)
+    for doc in docs:
+        validate(doc)
+    model = by_kind(docs, "InferenceService")[0]["spec"]["predictor"]["model"]
+    env = env_of(model)
+    assert env["KSERVE_LLM_API_KEY"] == secret_ref("llm-api-key", "api-key") and "VLLM_API_KEY" not in env
+    assert not any("api_key" in a or "llm-api-key" in a for a in model["args"])  # the key never shows in the pod's arguments
+    (runtime,) = by_kind(docs, "ServingRuntime")
+    (container,) = runtime["spec"]["containers"]
+    assert "env" not in container  # the runtime (shared, or a ClusterServingRuntime) carries no per-release secret
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # probes stay on the open health routes
+        assert container[probe]["httpGet"]["path"] in ("/v2/health/ready", "/v2/health/live")
+    # the helm test pod reads the same Secret as a file and sends the key
+    pod = helm_test_pod(docs)["spec"]
+    (test_container,) = pod["containers"]
+    assert {"name": "API_KEY_FILE", "value": "/etc/kserve-llm/api-key/key"} in test_container["env"]
+    assert {"name": "api-key", "mountPath": "/etc/kserve-llm/api-key", "readOnly": True} in test_container["volumeMounts"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "api-key"]
+    assert volume["secret"] == {"secretName": "llm-api-key", "items": [{"key": "api-key", "path": "key"}], "defaultMode": 0o440}
+    assert pod["securityContext"]["fsGroup"] == 10001
+    # the NetworkPolicy does not change with a key
+    assert by_kind(docs, "NetworkPolicy") == by_kind(render("-f", HARDENED, "--set", "auth.apiKey.existingSecret="), "NetworkPolicy")
+    # vLLM reads VLLM_API_KEY
+    vllm = by_kind(render("-f", HARDENED, "--set", "engine=vllm"), "InferenceService")[0]["spec"]["predictor"]["model"]
+    assert env_of(vllm)["VLLM_API_KEY"] == secret_ref("llm-api-key", "api-key") and "KSERVE_LLM_API_KEY" not in env_of(vllm)
+    # LLMInferenceService with vLLM: decode and prefill pods, and the helm test pod, get the key
+    docs = render("-f", HARDENED_LLMISVC)
+    spec = by_kind(docs, "LLMInferenceService")[0]["spec"]
+    for container in (spec["template"]["containers"][0], spec["prefill"]["template"]["containers"][0]):
+        assert env_of(container)["VLLM_API_KEY"] == secret_ref("qwen-api-key", "key") and env_of(container)["HOME"] == {"value": "/tmp"}
+    assert helm_test_pod(docs)["spec"]["volumes"][-1]["secret"]["secretName"] == "qwen-api-key"
+    # LLMInferenceService with this predictor
+    main = by_kind(render("-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "auth.apiKey.existingSecret=demo-key"), "LLMInferenceService")[0]
+    assert env_of(main["spec"]["template"]["containers"][0])["KSERVE_LLM_API_KEY"] == secret_ref("demo-key", "api-key")
+    validate(main)
+    # multi-node: the head serves the API; Ray workers get no key
+    multinode = ["-f", str(CHART / "ci" / "vllm-multinode-values.yaml"), "--set", "auth.apiKey.existingSecret=llama-key"]
+    predictor = by_kind(render(*multinode), "InferenceService")[0]["spec"]["predictor"]
+    assert "VLLM_API_KEY" in env_of(predictor["model"]) and "VLLM_API_KEY" not in env_of(predictor["workerSpec"]["containers"][0])
+    spec = by_kind(render(*multinode, "--set", "kind=LLMInferenceService"), "LLMInferenceService")[0]["spec"]
+    assert "VLLM_API_KEY" in env_of(spec["template"]["containers"][0]) and "VLLM_API_KEY" not in env_of(spec["worker"]["containers"][0])
+
+
+def test_defaults_render_no_key_tracing_or_runtime_lora():
+    docs = render()
+    model = by_kind(docs, "InferenceService")[0]["spec"]["predictor"]["model"]
+    assert "env" not in model
+    assert not any(a.startswith(("--otlp", "--enable_lora", "--max_lora")) for a in model["args"])
+    pod = helm_test_pod(docs)["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"] and "fsGroup" not in pod["securityContext"]
+    assert "API_KEY_FILE" not in env_of(pod["containers"][0])
+    llmisvc = by_kind(render("-f", str(CHART / "ci" / "llmisvc-vllm-values.yaml")), "LLMInferenceService")[0]
+    assert "tracing" not in llmisvc["spec"]
+    assert not set(env_of(llmisvc["spec"]["template"]["containers"][0])) & {"VLLM_API_KEY", "OTEL_SERVICE_NAME", "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
+
+
+def test_tracing_args_env_and_the_llminferenceservice_spec_tracing():
+    model = by_kind(render("-f", HARDENED), "InferenceService")[0]["spec"]["predictor"]["model"]
+    assert f"--otlp_traces_endpoint={TRACES_URL}" in model["args"]
+    env = env_of(model)
+    assert env["OTEL_SERVICE_NAME"] == {"value": "demo-predictor"}
+    assert env["OTEL_TRACES_SAMPLER"] == {"value": "parentbased_traceidratio"} and env["OTEL_TRACES_SAMPLER_ARG"] == {"value": "0.25"}
+    assert env["OTEL_RESOURCE_ATTRIBUTES_POD_NAME"] == {"valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"].startswith("k8s.namespace.name=default,")
+    names = [e["name"] for e in model["env"]]  # $(VAR) references resolve only to variables defined before them
+    assert names.index("OTEL_RESOURCE_ATTRIBUTES_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" not in env  # the predictor speaks OTLP/HTTP only
+    # vLLM: its flag, and OTLP/HTTP instead of its default gRPC; the service name defaults to the full name
+    vllm = by_kind(render("-f", HARDENED, "--set", "engine=vllm", "--set", "tracing.serviceName="), "InferenceService")[0]
+    model = vllm["spec"]["predictor"]["model"]
+    assert f"--otlp-traces-endpoint={TRACES_URL}" in model["args"] and not any(a.startswith("--otlp_traces") for a in model["args"])
+    assert env_of(model)["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == {"value": "http/protobuf"}
+    assert env_of(model)["OTEL_SERVICE_NAME"] == {"value": vllm["metadata"]["name"]}
+    # LLMInferenceService with vLLM: KServe's spec.tracing too, and prefill spans named apart
+    docs = render("-f", HARDENED_LLMISVC)
+    (llmisvc,) = by_kind(docs, "LLMInferenceService")
+    spec, name = llmisvc["spec"], llmisvc["metadata"]["name"]
+    assert spec["tracing"] == {"exporterEndpoint": TRACES_URL, "sampler": "traceidratio", "samplerArg": "0.1"}
+    decode, prefill = spec["template"]["containers"][0], spec["prefill"]["template"]["containers"][0]
+    for container in (decode, prefill):
+        # set by the chart, so KServe's injection (which skips present flags and variables) keeps them
+        assert f"--otlp-traces-endpoint={TRACES_URL}" in container["args"]
+        assert env_of(container)["OTEL_TRACES_SAMPLER_ARG"] == {"value": "0.1"}
+    assert env_of(decode)["OTEL_SERVICE_NAME"] == {"value": name} and env_of(prefill)["OTEL_SERVICE_NAME"] == {"value": f"{name}-prefill"}
+    # LLMInferenceService with this predictor: spec.tracing too; KServe then adds vLLM's flags, which the predictor accepts
+    values = ["-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "tracing.enabled=true", "--set", f"tracing.otlpEndpoint={TRACES_URL}"]
+    llmisvc = by_kind(render(*values), "LLMInferenceService")[0]
+    validate(llmisvc)
+    assert llmisvc["spec"]["tracing"] == {"exporterEndpoint": TRACES_URL, "sampler": "parentbased_always_on"}
+    from predictor.server import build_parser
+
+    injected = build_parser().parse_args(["--otlp_traces_endpoint=x", "--otlp-traces-endpoint", TRACES_URL, "--collect-detailed-traces", "all"])
+    assert injected.otlp_traces_endpoint == TRACES_URL
+    main = llmisvc["spec"]["template"]["containers"][0]
+    assert f"--otlp_traces_endpoint={TRACES_URL}" in main["args"] and env_of(main)["OTEL_TRACES_SAMPLER"] == {"value": "parentbased_always_on"}
+    assert "OTEL_TRACES_SAMPLER_ARG" not in env_of(main)
+
+
+def test_runtime_lora_updates_for_either_engine():
+    model = by_kind(render("-f", HARDENED), "InferenceService")[0]["spec"]["predictor"]["model"]
+    assert {"--enable_lora_runtime_updates", "--max_loras=2", "--max_lora_rank=32"} <= set(model["args"]) and "--lora_modules" not in model["args"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env_of(model)
+    # with adapters fetched at start as well
+    args = by_kind(render("-f", str(CHART / "ci" / "lora-adapters-values.yaml"), "--set", "lora.runtimeUpdates=true"), "InferenceService")[0]
+    args = args["spec"]["predictor"]["model"]["args"]
+    assert args[args.index("--lora_modules") + 1 : args.index("--lora_modules") + 3] == ["sql=/mnt/adapters/sql", "support=/mnt/adapters/support"]
+    assert args.count("--max_loras=2") == 1 and "--enable_lora_runtime_updates" in args
+    # vLLM needs --enable-lora for runtime loading even with no adapter at start, and its environment switch
+    vllm = by_kind(render("-f", HARDENED, "--set", "engine=vllm"), "InferenceService")[0]["spec"]["predictor"]["model"]
+    assert {"--enable-lora", "--max-loras=2", "--max-lora-rank=32"} <= set(vllm["args"]) and "--lora-modules" not in vllm["args"]
+    assert env_of(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == {"value": "True"}
+    spec = by_kind(render("-f", HARDENED_LLMISVC), "LLMInferenceService")[0]["spec"]
+    assert "lora" not in spec["model"]
+    for container in (spec["template"]["containers"][0], spec["prefill"]["template"]["containers"][0]):
+        assert "--enable-lora" in container["args"] and env_of(container)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == {"value": "True"}
+    # this predictor as an LLMInferenceService loads adapters at run time too (lora.adapters there needs vLLM)
+    main = by_kind(render("-f", str(CHART / "ci" / "llmisvc-values.yaml"), "--set", "lora.runtimeUpdates=true"), "LLMInferenceService")[0]
+    assert {"--enable_lora_runtime_updates", "--max_loras=4"} <= set(main["spec"]["template"]["containers"][0]["args"])
+
+
+def test_helm_test_script_sends_the_mounted_api_key(tiny_model_dir, tmp_path):
+    """The helm test script against the real predictor started as the chart starts it with auth.apiKey: the key(s) in
+    KSERVE_LLM_API_KEY, the Secret's value mounted as the script's API_KEY_FILE."""
+    import sys
+
+    import httpx
+    from conftest import MODEL_NAME, start_server, stop_server
+
+    server = start_server(tiny_model_dir, tmp_path, env={"KSERVE_LLM_API_KEY": "first-key,second-key"})
+    try:
+        for content, passes in (("first-key,second-key\n", True), ("second-key", True), ("wrong-key", False)):
+            key_file = tmp_path / "key"
+            key_file.write_text(content)
+            env = {**os.environ, "BASE_URL": server.url, "MODEL_NAME": MODEL_NAME, "API_KEY_FILE": str(key_file)}
+            result = subprocess.run([sys.executable, str(CHART / "files" / "smoke_test.py")], env=env, capture_output=True, text=True, timeout=120)
+            assert (result.returncode == 0) is passes, content + result.stdout + result.stderr
+            if passes:
+                assert "a request without the API key refused" in result.stdout
+        for path in ("/v2/health/ready", "/v2/health/live", "/metrics"):  # the probes' and Prometheus' routes stay open
+            assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200, path
+    finally:
+        stop_server(server)

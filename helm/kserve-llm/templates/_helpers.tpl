@@ -143,10 +143,16 @@ unset (null) follows the engine (vLLM serves HTTPS as KServe's presets do; this 
 {{- end -}}
 {{- end -}}
 {{- include "kserve-llm.validateLora" . -}}
+{{- if and .Values.tracing.enabled (not .Values.tracing.otlpEndpoint) -}}
+{{- fail "tracing.enabled needs tracing.otlpEndpoint, the collector's OTLP/HTTP traces URL (e.g. http://otel-collector.observability:4318/v1/traces)" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* LoRA adapters: unique names, none equal to the served model's, and the combinations the chart can render. */}}
 {{- define "kserve-llm.validateLora" -}}
+{{- if and .Values.lora.runtimeUpdates .Values.multiNode.enabled -}}
+{{- fail "lora.runtimeUpdates with multiNode.enabled is not supported by this chart: an adapter loaded at run time would have to reach every worker pod; serve it on a single-node replica" -}}
+{{- end -}}
 {{- with .Values.lora.adapters -}}
 {{- $names := list -}}
 {{- range . -}}
@@ -182,13 +188,22 @@ unset (null) follows the engine (vLLM serves HTTPS as KServe's presets do; this 
 {{- with .Values.model.kvCacheMemory }}
 - --kv_cache_memory={{ . }}
 {{- end }}
-{{- if and .Values.lora.adapters (eq .Values.kind "InferenceService") }}
+{{- $adapters := and .Values.lora.adapters (eq .Values.kind "InferenceService") }}
+{{- if $adapters }}
 - --lora_modules
 {{- range .Values.lora.adapters }}
 - {{ .name }}=/mnt/adapters/{{ .name }}
 {{- end }}
+{{- end }}
+{{- if or $adapters .Values.lora.runtimeUpdates }}
 - --max_loras={{ .Values.lora.maxLoras }}
 - --max_lora_rank={{ .Values.lora.maxLoraRank }}
+{{- end }}
+{{- if .Values.lora.runtimeUpdates }}
+- --enable_lora_runtime_updates
+{{- end }}
+{{- if .Values.tracing.enabled }}
+- --otlp_traces_endpoint={{ .Values.tracing.otlpEndpoint }}
 {{- end }}
 {{- with .Values.model.extraArgs }}
 {{ toYaml . }}
@@ -239,16 +254,20 @@ parallelism. Multi-node: tensor parallel inside a pod, pipeline parallel across 
 {{- else if gt (int .Values.gpu.count) 1 }}
 - --tensor-parallel-size={{ .Values.gpu.count }}
 {{- end }}
-{{- if .Values.lora.adapters }}
+{{- /* Loading adapters at run time needs --enable-lora even with none at start. */}}
+{{- if or .Values.lora.adapters .Values.lora.runtimeUpdates }}
 - --enable-lora
 - --max-loras={{ .Values.lora.maxLoras }}
 - --max-lora-rank={{ .Values.lora.maxLoraRank }}
-{{- if eq .Values.kind "InferenceService" }}
+{{- if and .Values.lora.adapters (eq .Values.kind "InferenceService") }}
 - --lora-modules
 {{- range .Values.lora.adapters }}
 - {{ .name }}=/mnt/adapters/{{ .name }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if .Values.tracing.enabled }}
+- --otlp-traces-endpoint={{ .Values.tracing.otlpEndpoint }}
 {{- end }}
 {{- with .Values.vllm.extraArgs }}
 {{ toYaml . }}
@@ -292,6 +311,57 @@ stays read-only. */}}
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+{{- end -}}
+
+{{/* The OpenTelemetry service name of the spans: tracing.serviceName, or the full name. */}}
+{{- define "kserve-llm.tracingServiceName" -}}
+{{- .Values.tracing.serviceName | default (include "kserve-llm.fullname" .) -}}
+{{- end -}}
+
+{{/* Environment of the serving container (not of Ray workers) from auth, tracing and lora: the API key from its
+Secret (KSERVE_LLM_API_KEY for this predictor, VLLM_API_KEY for vLLM, so that it never shows in the arguments),
+the OpenTelemetry settings (the same names KServe's LLMInferenceService controller sets, which then keeps these)
+and vLLM's switch for runtime LoRA loading. dict: root, role (as in kserve-llm.llmisvcContainer; "main" for an
+InferenceService). Empty when none of them is on. */}}
+{{- define "kserve-llm.featureEnv" -}}
+{{- $v := .root.Values -}}
+{{- $vllm := eq $v.engine "vllm" -}}
+{{- with $v.auth.apiKey.existingSecret }}
+- name: {{ ternary "VLLM_API_KEY" "KSERVE_LLM_API_KEY" $vllm }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $v.auth.apiKey.secretKey | quote }}
+{{- end }}
+{{- if $v.tracing.enabled }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "%s%s" (include "kserve-llm.tracingServiceName" .root) (ternary "-prefill" "" (eq .role "prefill")) | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $v.tracing.sampler | quote }}
+{{- if ne (toString $v.tracing.samplerArg) "" }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ toString $v.tracing.samplerArg | quote }}
+{{- end }}
+{{- if $vllm }}
+{{- /* vLLM exports over gRPC unless told otherwise; tracing.otlpEndpoint is an OTLP/HTTP URL for both engines. */}}
+- name: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+  value: http/protobuf
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: OTEL_RESOURCE_ATTRIBUTES_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.namespace.name=%s,k8s.node.name=$(OTEL_RESOURCE_ATTRIBUTES_NODE_NAME),k8s.pod.name=$(OTEL_RESOURCE_ATTRIBUTES_POD_NAME)" .root.Release.Namespace | quote }}
+{{- end }}
+{{- if and $v.lora.runtimeUpdates $vllm }}
+- name: VLLM_ALLOW_RUNTIME_LORA_UPDATING
+  value: "True"
+{{- end }}
 {{- end -}}
 
 {{/* Startup, readiness and liveness probes of the serving container. dict: root, port, scheme. vLLM answers /health;
@@ -480,7 +550,8 @@ merges it over its LLMInferenceServiceConfig presets by name (main), so command 
     {{- end }}
     {{- include "kserve-llm.vllmArgs" .root | nindent 4 }}
   {{- end }}
-  {{- if or $vllm $v.model.env }}
+  {{- $featureEnv := ternary "" (include "kserve-llm.featureEnv" . | trim) (eq .role "worker") }}
+  {{- if or $vllm $v.model.env $featureEnv }}
   env:
     {{- if $vllm }}
     {{- include "kserve-llm.vllmEnv" .root | nindent 4 }}
@@ -488,6 +559,9 @@ merges it over its LLMInferenceServiceConfig presets by name (main), so command 
     - name: VLLM_NIXL_SIDE_CHANNEL_HOST
       value: $(POD_IP)
     {{- end }}
+    {{- end }}
+    {{- with $featureEnv }}
+    {{- . | nindent 4 }}
     {{- end }}
     {{- with $v.model.env }}
     {{- toYaml . | nindent 4 }}
