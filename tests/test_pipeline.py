@@ -333,6 +333,7 @@ def _no_registration(out) -> None:
     assert not (out / "mlflow.db").exists() or MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models() == []
 
 
+@pytest.mark.slow  # a whole kfp.local run: make test-slow
 def test_local_run_with_thresholds_nothing_passes_fails_at_the_gate_and_registers_nothing(tmp_path):
     result = cli("run", "--local", "--tiny", "--output", str(tmp_path), "--min-speedup", "1000")
     output = result.stdout + result.stderr
@@ -343,6 +344,7 @@ def test_local_run_with_thresholds_nothing_passes_fails_at_the_gate_and_register
     _no_registration(tmp_path)
 
 
+@pytest.mark.slow  # a whole kfp.local run: make test-slow
 @pytest.mark.parametrize("corpus, message", [("missing", "corpus not found"), ("empty", "corpus is empty")])
 def test_local_run_with_a_bad_corpus_fails_in_prepare_data_with_the_reason(tmp_path, corpus, message):
     path = tmp_path / "corpus"
@@ -356,6 +358,7 @@ def test_local_run_with_a_bad_corpus_fails_in_prepare_data_with_the_reason(tmp_p
     _no_registration(tmp_path / "run")
 
 
+@pytest.mark.slow  # a whole kfp.local run: make test-slow
 def test_unreachable_registry_fails_the_register_step_and_leaves_nothing(tmp_path):
     from pipelines.lifecycle import run_local
 
