@@ -56,7 +56,8 @@ def test_every_route_needs_a_key(keyed_server, path, body):
 
 def test_get_routes_need_a_key_but_probes_and_metrics_do_not(keyed_server):
     url = keyed_server.url
-    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"X-Request-Id": "no-key-1"}).status_code == 401
+    assert "[request no-key-1] GET /v1/models -> 401 a valid API key is required" in keyed_server.read_log()  # one line, no traceback
     assert httpx.get(f"{url}/v1/models", headers=bearer(KEYS[1])).status_code == 200
     for path in ("/", "/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready", "/metrics"):
         assert httpx.get(f"{url}{path}").status_code == 200, path

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InvalidRequest, PredictorError, Unauthorized
 from ..request_context import HEADER, accept_request_id, enter, leave
-from .errors import error_response
+from .errors import error_response, log_client_error
 
 # Probes (liveness, readiness) and the metrics scraper never need the key.
 OPEN_PATHS = frozenset({"/", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -35,6 +35,7 @@ def is_open_path(path: str) -> bool:
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, exc: PredictorError, headers: dict[str, str] | None = None) -> None:
+    log_client_error(f"{scope.get('method', '')} {scope.get('path', '')}", exc)
     response = error_response(scope.get("path", ""), exc)
     response.headers.update(headers or {})
     await response(scope, receive, send)
