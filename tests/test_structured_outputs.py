@@ -27,18 +27,9 @@ import torch
 from conftest import MODEL_NAME, start_server, stop_server
 
 from predictor.engine import structured
-from predictor.engine.structured import (
-    EXPONENT,
-    MANTISSA,
-    MAX_GRAMMAR_CHARS,
-    OUT,
-    STR,
-    GrammarCompiler,
-    TokenTable,
-    check_schema,
-    json_lex,
-    token_masks,
-)
+from predictor.engine.bounded_output import EXPONENT, MANTISSA, OUT, STR, TokenTable, json_lex
+from predictor.engine.schema_checks import check_schema
+from predictor.engine.structured import MAX_GRAMMAR_CHARS, GrammarCompiler, token_masks
 from predictor.errors import InvalidRequest, PredictorError
 from predictor.sampling import GrammarSpec
 

@@ -29,22 +29,11 @@ whitespace lets random or small models loop on spaces and newlines until ``max_t
 (``{"a":1}``) is tokenized unlike the JSON models saw in training (measured on SmolLM2-135M-Instruct, Paris's
 facts under a schema: ``"country":"CHIP"`` compact, ``"country": "France"`` with the separators).
 
-A grammar alone still lets a small model write an answer that never ends: a number's digits run on
-(``"lon": 0.0134567898878423154129649988888888…``) or a string does, until ``max_tokens`` cuts the JSON. Two
-additions of the ``Matcher`` keep answers complete:
-
-- **Bounded numbers** (JSON only): at most ``MAX_NUMBER_DIGITS`` mantissa digits (integer and fraction, a double's 17)
-  and ``MAX_EXPONENT_DIGITS`` exponent digits. llguidance 1.9 has no option for it (``JsonCompileOptions`` has only
-  separators, whitespace, ``coerce_one_of``, ``lenient`` and escapes; its number regex is unbounded), so the matcher
-  follows the JSON text it consumes with a small lexer (``json_lex``: outside, in a string, in a number's mantissa or
-  exponent) and, once a number has used its digits, clears the tokens that would add more: bitmasks precomputed per
-  tokenizer (``TokenTable``), one ``AND`` per step. String lengths need nothing here: llguidance honours
-  ``maxLength`` and ``minLength``.
-- **Closing before ``max_tokens``** (every kind): a matcher told its ``max_tokens`` counts the tokens it consumed.
-  Near the end it computes a short way to complete the grammar from its state (``closing_path``: llguidance's forced
-  tokens, else a one-character closer such as ``"``, ``]``, ``}``, ``0``), and within ``CLOSING_SLACK`` tokens of
-  the budget it allows only what keeps that path in reach: the path's next token, or (JSON) more of the string or
-  number being written. When the path is longer than the tokens left, nothing changes (``finish_reason`` ``length``).
+A grammar alone still lets a small model write an answer that never ends (a number's digits, or a string, run on
+until ``max_tokens`` cuts the JSON). The ``Matcher`` keeps answers complete with ``bounded_output.py``: numbers
+bounded like a double's (JSON), and within ``CLOSING_SLACK`` tokens of its budget only what keeps a short way to
+complete the grammar in reach. A JSON schema is checked first by ``schema_checks.py`` (depth, ``$schema``'s type,
+the metaschema, ``multipleOf``, ``$ref`` loops), the grammar's size here (``MAX_GRAMMAR_CHARS``).
 """
 
 from __future__ import annotations
@@ -55,214 +44,26 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import cache
-from typing import Any
-from urllib.parse import unquote
 
 import numpy as np
 import torch
 
 from ..errors import InvalidRequest, PredictorError
 from ..sampling import GrammarSpec
+from .bounded_output import CLOSING_MARGIN, CLOSING_SLACK, OUT, TokenTable, closing_path, json_lex
+from .schema_checks import MAX_SCHEMA_DEPTH, check_schema, ref_cycle
 
 # JSON compile options: json.dumps separators and no other whitespace; unknown schema keywords refused.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHE_SIZE = 256  # compiled grammars and refusals kept (least recently used dropped first)
 
-MAX_NUMBER_DIGITS = 17  # mantissa digits of a JSON number (integer + fraction): a double holds 17 significant digits
-MAX_EXPONENT_DIGITS = 3  # a double's exponent is at most 308
-
-# Hostile schemas. A schema nested deeper than this is refused before anything recurses over it (jsonschema's checker
-# recurses ~7 Python frames per level and overflows at ~150; llguidance's JSON reader stops at 128).
-MAX_SCHEMA_DEPTH = 64
 # Characters of a grammar's source (a schema as compact JSON). The costliest shape measured at this size, 1,984
 # optional integer properties (llguidance's object grammar grows with the square of its optional properties), takes
 # 0.86–0.97 s here to check and compile with SmolLM2's tokenizer (jsonschema ~0.35 s, llguidance ~0.3 s; AMD EPYC,
 # 2 cores); 1,393 required properties or 423 nested arrays of objects take 0.3–0.5 s. At 128 KiB it took 1.8 s.
 MAX_GRAMMAR_CHARS = 65_536
-# llguidance builds a divisibility automaton per distinct multipleOf whose cost grows with the divisor's digits read as
-# an integer (0.03 s for 10,007, 0.6 s for 99,991, 193 s for 9,999,991): their sum over a schema is bounded.
-MAX_MULTIPLE_OF = 50_000
 COMPILE_TIMEOUT = 10.0  # seconds; a grammar that takes longer is refused (and remembered as refused)
-
-CLOSING_SLACK = 16  # tokens before max_tokens from which only tokens that keep the closing path in reach are allowed
-CLOSING_MARGIN = 8  # the closing path is recomputed each step once the tokens left are within slack + margin of it
-CLOSING_SEARCH_CAP = 128  # longest closing path searched for; a grammar that needs more is left to run to max_tokens
-
-# JSON lexer modes (``json_lex``): outside strings and numbers, in a string, after a backslash in a string, in a
-# number's mantissa (digits counted), in its exponent (digits counted).
-OUT, STR, ESC, MANTISSA, EXPONENT = range(5)
-_DIGITS = frozenset(b"0123456789")
-_QUOTE, _BACKSLASH, _MINUS = ord('"'), ord("\\"), ord("-")
-# Closing-path characters by preference: in a string, the quote that ends it; elsewhere, closers before a separator,
-# and the shortest value (0) before a string.
-_STRING_CLOSERS = b'"'
-_VALUE_CLOSERS = b'])},0"'
-
-
-def json_lex(data: bytes, mode: int, count: int) -> tuple[int, int, bool]:
-    """The JSON lexer state (``mode``, ``count``: digits of the current mantissa or exponent) after ``data``, and
-    whether a number in it went over ``MAX_NUMBER_DIGITS`` / ``MAX_EXPONENT_DIGITS`` (or wrote a ``.`` with no digit
-    left for its fraction). Reads text the grammar allowed, so it needs no error states: a byte that cannot continue
-    a number ends it and is read outside."""
-    over = False
-    for byte in data:
-        if mode == STR:
-            mode = ESC if byte == _BACKSLASH else OUT if byte == _QUOTE else STR
-            continue
-        if mode == ESC:
-            mode = STR
-            continue
-        if mode == MANTISSA:
-            if byte in _DIGITS:
-                count += 1
-                over |= count > MAX_NUMBER_DIGITS
-                continue
-            if byte == ord("."):  # a fraction needs a digit: none may be left
-                over |= count >= MAX_NUMBER_DIGITS
-                continue
-            if byte in b"eE":
-                mode, count = EXPONENT, 0
-                continue
-            mode = OUT
-        elif mode == EXPONENT:
-            if byte in _DIGITS:
-                count += 1
-                over |= count > MAX_EXPONENT_DIGITS
-                continue
-            if byte in b"+-":
-                continue
-            mode = OUT
-        if byte == _QUOTE:
-            mode = STR
-        elif byte in _DIGITS:
-            mode, count = MANTISSA, 1
-        elif byte == _MINUS:
-            mode, count = MANTISSA, 0
-    return mode, count, over
-
-
-def _packed(allowed: np.ndarray, words: int) -> np.ndarray:
-    """A bool vector as llguidance's bitmask layout: int32 words, bit i of word w = token 32w+i."""
-    bits = np.packbits(allowed, bitorder="little")
-    return np.pad(bits, (0, words * 4 - bits.size)).view(np.int32)
-
-
-class TokenTable:
-    """What each token writes, read once per tokenizer: its bytes, the bitmasks of the number bound and of the
-    tokens that continue a string or number (closing), and the one-character tokens closing paths prefer."""
-
-    def __init__(self, lltokenizer, vocab_size: int, eos_token_id: int | None):
-        self.lltokenizer = lltokenizer
-        self.eos_token_id = eos_token_id
-        self.words = -(-vocab_size // 32)
-        self.texts = [b"" if lltokenizer.is_special_token(i) else lltokenizer.decode_bytes([i]) for i in range(vocab_size)]
-        digits = np.array([len(t) - len(t.translate(None, b"0123456789")) for t in self.texts])
-        first = np.array([t[0] if t else 0 for t in self.texts])
-
-        def over(mode: int, count: int, candidates: np.ndarray) -> np.ndarray:
-            """Tokens (among ``candidates``) that would put a number over its bound from lexer state (mode, count)."""
-            out = np.zeros(vocab_size, dtype=bool)
-            for i in np.flatnonzero(candidates):
-                out[i] = json_lex(self.texts[i], mode, count)[2]
-            return out
-
-        # From outside a number, a token needs 4+ digits to overflow one; in a number, one more digit may do.
-        fresh = over(OUT, 0, digits >= 4)
-        self._bounds: dict[tuple[int, int], np.ndarray | None] = {
-            (STR, 0): self._allowed(over(STR, 0, digits >= 4)),
-            (ESC, 0): self._allowed(over(ESC, 0, digits >= 4)),
-            (OUT, 0): self._allowed(fresh),
-        }
-        continues_mantissa = np.isin(first, list(b"0123456789.eE"))
-        for used in range(MAX_NUMBER_DIGITS + 1):
-            self._bounds[MANTISSA, used] = self._allowed(fresh | over(MANTISSA, used, continues_mantissa))
-        continues_exponent = np.isin(first, list(b"0123456789+-"))
-        for used in range(MAX_EXPONENT_DIGITS + 1):
-            self._bounds[EXPONENT, used] = self._allowed(fresh | over(EXPONENT, used, continues_exponent))
-
-        string_content = np.array([bool(t) and b'"' not in t and b"\\" not in t and min(t) >= 0x20 and _whole_utf8(t) for t in self.texts])
-        only_digits = np.array([bool(t) and t.isdigit() for t in self.texts])
-        self._continuing = {STR: _packed(string_content, self.words), MANTISSA: _packed(only_digits, self.words), EXPONENT: _packed(only_digits, self.words)}
-        single = {t: i for i, t in reversed(list(enumerate(self.texts))) if len(t) == 1}
-        self.string_closers = [single[bytes([c])] for c in _STRING_CLOSERS if bytes([c]) in single]
-        self.value_closers = [single[bytes([c])] for c in _VALUE_CLOSERS if bytes([c]) in single]
-
-    def _allowed(self, forbidden: np.ndarray) -> np.ndarray | None:
-        """The bitmask of tokens not ``forbidden``; None when nothing is (no work for that state)."""
-        return _packed(~forbidden, self.words) if forbidden.any() else None
-
-    def number_bound(self, mode: int, count: int) -> np.ndarray | None:
-        """Tokens that keep every number within its bound from lexer state (mode, count); None: all of them."""
-        if mode == MANTISSA:
-            return self._bounds[MANTISSA, min(count, MAX_NUMBER_DIGITS)]
-        if mode == EXPONENT:
-            return self._bounds[EXPONENT, min(count, MAX_EXPONENT_DIGITS)]
-        return self._bounds[mode, 0]
-
-    def continuing(self, mode: int) -> np.ndarray | None:
-        """Tokens that only continue the string or number being written (they leave the closing path as it is)."""
-        return self._continuing.get(mode)
-
-
-def _whole_utf8(data: bytes) -> bool:
-    """Whole characters: a token that ends inside one leaves the string needing its other bytes first."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def closing_path(matcher, table: TokenTable, lex: tuple[int, int] | None, cap: int = CLOSING_SEARCH_CAP) -> list[int] | None:
-    """A short token sequence that completes the grammar from ``matcher``'s state (an llguidance ``LLMatcher``, left
-    untouched): llguidance's forced tokens where it has them, else the first allowed of the one-character closers (in
-    a string its quote; elsewhere ``]``, ``}``, ``)``, ``,``, ``0``, ``"``; ``lex`` is the JSON lexer state, None for
-    other grammars), else the lowest allowed token id; end-of-sequence once the grammar accepts. None if it would
-    take more than ``cap`` tokens. Greedy, not the shortest: a bound on what closing needs."""
-    m = matcher.deep_copy()
-    path: list[int] = []
-    scratch: np.ndarray | None = None
-    while not m.is_stopped():
-        if len(path) >= cap or m.is_error():
-            return None
-        if m.is_accepting():
-            return path + [table.eos_token_id] if table.eos_token_id is not None else None
-        tokens = m.compute_ff_tokens()
-        if not tokens:
-            forced = m.compute_ff_bytes()  # forced text whose tokenization llguidance leaves open (a space, say)
-            candidates = table.lltokenizer.tokenize_bytes(forced)[:1] if forced else []
-            candidates += table.string_closers if lex is not None and lex[0] in (STR, ESC) else table.value_closers
-            token = next((t for t in candidates if m.validate_tokens([t]) == 1), None)
-            if token is None:
-                if scratch is None:
-                    scratch = np.zeros(table.words, dtype=np.int32)
-                token = _lowest_allowed(m, scratch, table.eos_token_id)
-                if token is None:
-                    return None
-            tokens = [token]
-        if not m.consume_tokens(tokens):
-            return None
-        path += tokens
-        if lex is not None:
-            for token in tokens:
-                lex = json_lex(table.texts[token], *lex)[:2]
-    return path
-
-
-def _lowest_allowed(matcher, scratch: np.ndarray, eos_token_id: int | None) -> int | None:
-    """The lowest token id the matcher allows other than end-of-sequence (single bytes, in byte-level vocabularies)."""
-    matcher.unsafe_compute_mask_ptr(scratch.ctypes.data, scratch.nbytes)
-    words = scratch.view(np.uint32)
-    if eos_token_id is not None:
-        words[eos_token_id >> 5] &= ~np.uint32(1 << (eos_token_id & 31))
-    nonzero = np.flatnonzero(words)
-    if not nonzero.size:
-        return None
-    word = int(words[nonzero[0]])
-    return int(nonzero[0]) * 32 + (word & -word).bit_length() - 1
-
 
 class Matcher:
     """One sequence's position in its grammar, with the number bound (JSON) and the closing strategy (``max_tokens``)."""
@@ -573,116 +374,6 @@ def _grammar_text(spec: GrammarSpec) -> str:
         except RecursionError:  # the GBNF translator recurses per nesting level
             raise ValueError("the grammar is nested too deeply") from None
     raise ValueError(f"unknown grammar kind {spec.kind!r}")
-
-
-def check_schema(schema: Any) -> None:
-    """A JSON schema must itself be valid (draft 2020-12 unless it says otherwise), and within what this server
-    compiles: at most ``MAX_SCHEMA_DEPTH`` levels deep and ``MAX_MULTIPLE_OF`` of multipleOf. ``ValueError`` names
-    the problem. The checks that jsonschema cannot do on malformed input (``$schema`` not a string) come first."""
-    import jsonschema
-
-    if not isinstance(schema, dict):
-        raise ValueError("a JSON schema must be an object")
-    depth, multiples = _shape(schema)
-    if depth > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
-    if "$schema" in schema and not isinstance(schema["$schema"], str):
-        raise ValueError(f"$schema must be a string (a metaschema URI), not {type(schema['$schema']).__name__}")
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path)
-        raise ValueError(f"not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}") from None
-    except RecursionError:  # a pattern nested hundreds of groups deep: Python's regex parser recurses per group
-        raise ValueError("the schema has a pattern nested too deeply to check") from None
-    units = sum(_multiple_of_units(value) for value in multiples)
-    if units > MAX_MULTIPLE_OF:
-        raise ValueError(
-            f"its multipleOf values are too fine-grained to compile here: {', '.join(map(str, sorted(multiples)[:5]))} "
-            f"(their digits read as integers sum to {units:,}; at most {MAX_MULTIPLE_OF:,})"
-        )
-
-
-def _shape(schema: dict) -> tuple[int, set]:
-    """(nesting depth, stopping past ``MAX_SCHEMA_DEPTH``; the distinct numeric multipleOf values), without recursion."""
-    deepest, multiples = 0, set()
-    stack: list[tuple[Any, int]] = [(schema, 1)]
-    while stack:
-        value, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_SCHEMA_DEPTH:
-            break
-        if isinstance(value, dict):
-            multiple = value.get("multipleOf")
-            if isinstance(multiple, int | float) and not isinstance(multiple, bool):
-                multiples.add(multiple)
-            stack.extend((child, depth + 1) for child in value.values() if isinstance(child, dict | list))
-        elif isinstance(value, list):
-            stack.extend((child, depth + 1) for child in value if isinstance(child, dict | list))
-    return deepest, multiples
-
-
-def _multiple_of_units(value: float) -> int:
-    """The integer llguidance's divisibility automaton is built for: the value itself if integral, else its digits
-    (0.25 → 25). Non-finite values count as too many (jsonschema lets ``1e400``, read as infinity, through)."""
-    number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    if not number.is_finite():
-        return MAX_MULTIPLE_OF + 1
-    if number == number.to_integral_value():
-        return int(number)
-    return int(number.scaleb(-number.as_tuple().exponent))
-
-
-def ref_cycle(schema: Any, through: tuple[str, ...] = ("allOf", "anyOf", "oneOf")) -> list[str] | None:
-    """A loop of local ``$ref``s (and members of the combinators ``through``) that returns to a subschema without
-    any output in between, as JSON pointers (``['#', '#/$defs/a', '#']``); None if there is none. Iterative."""
-    nodes: dict[str, dict] = {}
-    stack: list[tuple[str, Any]] = [("#", schema)]
-    while stack:
-        pointer, value = stack.pop()
-        if isinstance(value, dict):
-            nodes[pointer] = value
-            stack.extend((f"{pointer}/{_escape(str(key))}", child) for key, child in value.items())
-        elif isinstance(value, list):
-            stack.extend((f"{pointer}/{index}", child) for index, child in enumerate(value))
-
-    def in_place(pointer: str) -> list[str]:
-        """The subschemas that apply at the same place in the output as ``pointer``'s."""
-        node = nodes[pointer]
-        targets = []
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
-            target = "#" + unquote(ref[1:]).rstrip("/")
-            if target in nodes:
-                targets.append(target)
-        for key in through:
-            if isinstance(node.get(key), list):
-                targets += [f"{pointer}/{key}/{index}" for index, child in enumerate(node[key]) if isinstance(child, dict)]
-        return targets
-
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    for root in nodes:
-        if root in state:
-            continue
-        path, iterators = [root], [iter(in_place(root))]
-        state[root] = 1
-        while path:
-            target = next(iterators[-1], None)
-            if target is None:
-                state[path.pop()] = 2
-                iterators.pop()
-            elif state.get(target) == 1:
-                return path[path.index(target) :] + [target]
-            elif target not in state:
-                state[target] = 1
-                path.append(target)
-                iterators.append(iter(in_place(target)))
-    return None
-
-
-def _escape(key: str) -> str:
-    """A JSON pointer token (RFC 6901)."""
-    return key.replace("~", "~0").replace("/", "~1")
 
 
 def token_masks(matchers: list[Matcher], vocab_size: int, width: int) -> torch.Tensor:

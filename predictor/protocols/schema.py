@@ -253,7 +253,7 @@ class FunctionDefinition(_Strict):
         """Checked whatever tool_choice says: the same tools are valid or not for every choice."""
         if value is None:
             return value
-        from ..engine.structured import check_schema
+        from ..engine.schema_checks import check_schema
 
         if value.get("type", "object") != "object":
             raise ValueError(f"parameters must be a JSON schema of an object (the arguments); got type {value.get('type')!r}")
