@@ -3,7 +3,7 @@
 One table for all protocols: the HTTP status, the OpenAI error ``type`` and the gRPC status code live on the
 class (an instance may narrow the status, e.g. a 404 ``InvalidRequest``), and the JSON error bodies, the
 server-sent error events and the gRPC interceptor all read them from here (``protocols/errors.py``,
-``protocols/sse.py``, ``protocols/grpc_service.py``).
+``protocols/sse.py``, ``protocols/grpc_calls.py``).
 
 Client errors (4xx) say what to change. Server errors (5xx) never carry exception text: the message names
 the request id, and the log has the details.
@@ -69,6 +69,24 @@ class Unauthorized(PredictorError):
 
     status = 401
     code = "invalid_api_key"
+
+
+class RouteDisabled(PredictorError):
+    """A route this server has but serves only when a flag enables it (404; gRPC UNIMPLEMENTED)."""
+
+    status = 404
+    code = "route_disabled"
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNIMPLEMENTED
+
+
+class BodyReadTimeout(InvalidRequest):
+    """The request's body did not arrive within ``--body_read_timeout``."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class ClientDisconnected(PredictorError):

@@ -40,11 +40,11 @@ from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from kserve.utils.utils import to_headers
 
-from .errors import InvalidRequest, PredictorError
+from .errors import InvalidRequest, PredictorError, RouteDisabled
 from .model import LLMModel
 from .protocols import v2
 from .protocols.errors import install_error_handlers
-from .protocols.grpc_service import PredictorInterceptor
+from .protocols.grpc_calls import PredictorInterceptor
 from .protocols.middleware import ApiKeyMiddleware, ApiKeys, BodyLimitMiddleware, RequestIdMiddleware
 
 logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
@@ -58,18 +58,7 @@ def fastapi_app() -> FastAPI:
     return kserve_app
 
 
-class RouteDisabled(PredictorError):
-    """A route this server has but does not serve unless a flag enables it (404; gRPC UNIMPLEMENTED)."""
-
-    status = 404
-    code = "route_disabled"
-
-    @property
-    def grpc_code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNIMPLEMENTED
-
-
-class ModelRepository:
+class RepositoryRoutes:
     """The V2 model-repository extension (load / unload) for the one served model, off unless enabled."""
 
     def __init__(self, model: LLMModel, enabled: bool):
@@ -95,7 +84,7 @@ class ModelRepository:
 class PredictorServicer(InferenceServicer):
     """KServe's V2 gRPC servicer, with ModelInfer decoding checked and the repository methods ours."""
 
-    def __init__(self, data_plane, model_repository_extension, repository: ModelRepository):
+    def __init__(self, data_plane, model_repository_extension, repository: RepositoryRoutes):
         super().__init__(data_plane, model_repository_extension)
         self.repository = repository
 
@@ -193,7 +182,7 @@ class PredictorModelServer(kserve.ModelServer):
         self.model = model
         self.options = options
         self.api_keys = api_keys
-        self.repository = ModelRepository(model, repository_routes)
+        self.repository = RepositoryRoutes(model, repository_routes)
         self.drain_grace_period = options.shutdown_grace_period
         self.draining = False
         self.exit_code = 0

@@ -12,15 +12,15 @@ OpenTelemetry SDK.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import TYPE_CHECKING
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 if TYPE_CHECKING:
     from .engine.engine import Sequence
 
-logger = logging.getLogger("kserve")
 
 SPAN_NAME = "llm_request"
 DEFAULT_SERVICE_NAME = "kserve-llm"
@@ -46,8 +46,6 @@ class RequestTracer:
 
     def record(self, seq: Sequence, end: float, finish_reason: str | None = None, error: str | None = None) -> None:
         """One span for ``seq``, from its arrival to ``end`` (``time.monotonic()`` seconds)."""
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
         offset = time.time() - time.monotonic()  # monotonic → wall clock, in this process
         request, params = seq.request, seq.request.params
         attributes: dict[str, str | int | float] = {

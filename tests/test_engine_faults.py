@@ -156,8 +156,8 @@ def loaded(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
-def run_engine(loaded, requests: list[GenerationRequest]) -> list[list[int] | BaseException]:
-    """Run ``requests`` together on a fresh engine; each one's token ids, or the exception it ended with."""
+def run_engine(loaded, requests: list[GenerationRequest], tracer=None) -> list[list[int] | BaseException]:
+    """Run ``requests`` together on a fresh engine (with ``tracer``); each one's token ids, or the exception it ended with."""
 
     async def collect(engine: Engine, seq) -> list[int] | BaseException:
         tokens = []
@@ -170,6 +170,7 @@ def run_engine(loaded, requests: list[GenerationRequest]) -> list[list[int] | Ba
 
     async def main() -> list:
         engine = Engine(loaded, EngineConfig(max_num_seqs=8))
+        engine.tracer = tracer
         engine.start()
         try:
             seqs = engine.submit_all(requests)
@@ -186,8 +187,8 @@ def make_requests(marked: SamplingParams | None = None, marked_prompt: list[int]
     return requests
 
 
-def test_a_row_that_fails_sampling_fails_alone(loaded, monkeypatch):
-    alone = run_engine(loaded, make_requests())
+def inject_sampler_fault(monkeypatch) -> None:
+    """The engine's sampler raises for any batch holding a row of ``MARKED_TEMPERATURE`` (the fault injected)."""
     real = engine_module.sample
 
     def faulty_sample(logits, params, *args, **kwargs):
@@ -196,6 +197,11 @@ def test_a_row_that_fails_sampling_fails_alone(loaded, monkeypatch):
         return real(logits, params, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "sample", faulty_sample)
+
+
+def test_a_row_that_fails_sampling_fails_alone(loaded, monkeypatch):
+    alone = run_engine(loaded, make_requests())
+    inject_sampler_fault(monkeypatch)
     results = run_engine(loaded, make_requests(SamplingParams(max_tokens=12, temperature=MARKED_TEMPERATURE, seed=1)))
     assert isinstance(results[1], RequestFailed) and "bad" in results[1].message
     assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]

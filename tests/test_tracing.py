@@ -126,5 +126,24 @@ def test_n_choices_get_a_span_each_and_grpc_requests_are_traced(traced_server, c
     assert span["trace_id"] == TRACE_ID and span["attributes"]["gen_ai.usage.completion_tokens"] == 2
 
 
+def test_a_request_that_fails_gets_an_error_span(collector, tiny_model_dir, monkeypatch):
+    """In process, the engine with the real tracer and exporter: a request whose sampling fails (injected) is traced
+    with status ERROR, the one beside it as a success."""
+    from test_engine_faults import MARKED_TEMPERATURE, inject_sampler_fault, make_requests, run_engine
+
+    from predictor.loading import load_model
+    from predictor.sampling import SamplingParams
+    from predictor.tracing import RequestTracer
+
+    inject_sampler_fault(monkeypatch)
+    tracer = RequestTracer(collector.url, MODEL_NAME)
+    requests = make_requests(SamplingParams(max_tokens=12, temperature=MARKED_TEMPERATURE, seed=1))
+    run_engine(load_model(tiny_model_dir), requests, tracer)
+    tracer.shutdown()  # exports what is queued
+    bad, good = collector.wait_for("bad"), collector.wait_for("good-0")
+    assert bad["error"] and "gen_ai.response.finish_reasons" not in bad["attributes"]
+    assert not good["error"] and good["attributes"]["gen_ai.response.finish_reasons"] == "length"
+
+
 def test_no_endpoint_no_tracer(server):
     assert "OpenTelemetry" not in server.read_log()

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ..errors import PredictorError, QueueFull, from_kserve, internal_error
+from ..errors import InvalidRequest, PredictorError, QueueFull, from_kserve, internal_error
 from ..request_context import current_request_id
 from .openai import PREFIXES
 
@@ -61,8 +61,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, exc)
 
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        from ..errors import InvalidRequest
-
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if p != "body") or None
         return await predictor_error(request, InvalidRequest(f"invalid request body at '{param}': {err['msg']}", param=param))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from ..engine.lora import LoRAError, load_adapter
-from ..errors import InvalidRequest, PredictorError
+from ..errors import InvalidRequest, RouteDisabled
 from ..generation import Generation
 from .schema import _Strict, parse
 
@@ -31,11 +31,6 @@ class UnloadLoRARequest(_Strict):
     lora_int_id: int | None = None  # vLLM's; ignored
 
 
-class RuntimeUpdatesDisabled(PredictorError):
-    status = 404
-    code = "route_disabled"
-
-
 class LoRARoutes:
     def __init__(self, model_name: str, generation: Generation, enabled: bool, max_rank: int):
         self.model_name = model_name
@@ -45,7 +40,7 @@ class LoRARoutes:
 
     def _check_enabled(self) -> None:
         if not self.enabled:
-            raise RuntimeUpdatesDisabled("runtime LoRA updates are disabled; start the server with --enable_lora_runtime_updates")
+            raise RouteDisabled("runtime LoRA updates are disabled; start the server with --enable_lora_runtime_updates")
 
     async def load(self, request: Request) -> PlainTextResponse:
         self._check_enabled()

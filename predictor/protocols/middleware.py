@@ -21,7 +21,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import InvalidRequest, PredictorError, Unauthorized
+from ..errors import BodyReadTimeout, InvalidRequest, PredictorError, Unauthorized
 from ..request_context import HEADER, accept_request_id, enter, leave
 from .errors import error_response, log_client_error
 
@@ -99,11 +99,6 @@ class ApiKeyMiddleware:
             await _send_error(scope, receive, send, problem, {"WWW-Authenticate": "Bearer"})
             return
         await self.app(scope, receive, send)
-
-
-class BodyReadTimeout(InvalidRequest):
-    status = 408
-    code = "request_timeout"
 
 
 class BodyLimitMiddleware:
