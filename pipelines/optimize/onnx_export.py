@@ -8,10 +8,18 @@ and to the new tokens, without concatenating them: the scores of both are softma
 part multiplies its own values, so no per-layer copy of the cache happens in the graph. The I/O
 contract is in ``predictor.onnx_model``.
 
-The export is checked against the model itself (eager PyTorch): a batched prefill of two prompts, then a
-batched decode step of two sequences of different lengths from the exported graph's own cache. Max
-|logit difference| ≤ 1e-4 in fp32, or the export fails. ``onnx-int8`` then quantizes the MatMul weights
-to int8 (``quantize_int8``) and reports its difference.
+The export is checked on a batched prefill of two prompts, then a batched decode step of two sequences of
+different lengths from the exported graph's own cache, against a float64 forward of the same weights
+(``judge_parity``): ONNX Runtime's float32 may be no further from it than ``PARITY_FACTOR`` × PyTorch
+float32's own distance from it, or the export fails. Both float32 implementations round, each in its own
+summation order, which depends on the CPU's kernels (AVX2, AVX-512, AMX): a fixed tolerance on ONNX −
+PyTorch judged the CPU, this judges the export.
+
+``onnx-int8`` then quantizes the MatMul weights to int8 (``quantize_int8``). Its logits differ from float
+by design, so no logit tolerance applies: ``sanity_check`` refuses only logits of the wrong shape or not
+finite (a broken graph), the difference from PyTorch is reported, and whether the int8 model is good
+enough is the evaluator's call (``pipelines.evaluate``: perplexity, greedy agreement) and the gate's
+(``pipelines.gate``), as for every other lossy method (``int8``, ``cast``, ``prune``, ``distill``).
 """
 
 from __future__ import annotations
@@ -32,10 +40,19 @@ from predictor.loading import LoadedModel
 
 from . import OptimizationError, copy_tokenizer
 
-# The export fails when max |logit difference| exceeds PARITY_TOLERANCE × max(1, largest |logit| / 10): 1e-4 for
-# logits up to 10. Deep models need the scale: on SmolLM2-135M (30 layers, logits up to 34) ONNX Runtime
-# measured 1.45e-4 from PyTorch, which itself is 5.5e-5 from a float64 forward: fp32 rounding, not a bug.
-PARITY_TOLERANCE = 1e-4
+# The export fails when max |ONNX − float64| > PARITY_FACTOR × max(max |PyTorch float32 − float64|,
+# PARITY_FLOOR × max(1, largest |logit|)). Two float32 implementations of the same weights have errors of the
+# same order, not equal ones: ONNX Runtime fuses LayerNorm, GELU, softmax and MatMuls into kernels with their
+# own accumulation orders, and a max over ~10^5 logits is a noisy statistic. Measured ratios ONNX error /
+# PyTorch error: 0.72 on SmolLM2-135M (30 layers, logits up to 34; 3.0e-4 and 4.2e-4, AMD EPYC), 1.4 on the
+# 2-layer test GPT-2. On the Xeon AMX machine whose CPU failed the old fixed tolerance, ONNX − PyTorch was
+# 4.57e-4, i.e. ONNX at most ~8.8e-4 from float64 if PyTorch is as far as on EPYC: a ratio up to ~2.1.
+# K = 4 would leave under 2× margin on that, so K = 8. A real export bug is far above it either way: a 1%
+# change to one layer's MLP weights moves the test GPT-2's logits by 1.3e-2, 140× its bound, and a wrong
+# mask, position or cache slot moves them by whole units. The floor (≈ 8 float32 ulps of the largest logit)
+# only matters where PyTorch float32 is nearly exact (shallow models).
+PARITY_FACTOR = 8
+PARITY_FLOOR = 1e-6
 INT8_BLOCK = 32
 INT8_SCHEME = f"int8-weight-only-block{INT8_BLOCK}"
 ATTN_IMPLEMENTATION = "kserve_llm_onnx_export"
@@ -157,32 +174,108 @@ def _example(model: PreTrainedModel, shapes: list[tuple[int, int]], batch: int, 
     return ids, positions, past_positions, past
 
 
-def parity(model: PreTrainedModel, session: onnx_model.OnnxModel) -> dict[str, float]:
-    """Max |logit difference| against eager PyTorch: batched prefill, then a batched decode of two lengths;
-    and ``logit_scale``, the largest |logit| of the reference."""
-    g = torch.Generator().manual_seed(1)
-    lengths = (7, 4)
-    prompts = [torch.randint(0, model.config.vocab_size, (n + 1,), generator=g) for n in lengths]
+def parity_bound(pytorch_error: float, logit_scale: float) -> float:
+    """The most ONNX float32 may differ from the float64 reference: ``PARITY_FACTOR`` × PyTorch float32's own error."""
+    return PARITY_FACTOR * max(pytorch_error, PARITY_FLOOR * max(1.0, logit_scale))
+
+
+def _finite_and_shaped(exported: np.ndarray, shape: tuple[int, ...], what: str) -> None:
+    if exported.shape != shape:
+        raise OptimizationError(f"{what}: logits of shape {exported.shape}, expected {shape}")
+    if not np.isfinite(exported).all():
+        raise OptimizationError(f"{what}: {int((~np.isfinite(exported)).sum())} logits are not finite (NaN or inf)")
+
+
+def judge_parity(reference: np.ndarray, pytorch: np.ndarray, exported: np.ndarray) -> dict[str, float]:
+    """Accept or refuse a float32 export: the same positions' logits from a float64 forward of the weights
+    (``reference``), from PyTorch float32 and from the export. Pure (arrays in, numbers out): raises
+    ``OptimizationError`` saying by how much and against what bound when the export is refused.
+
+    Returns ``onnx_error`` (max |exported − reference|), ``pytorch_float32_error`` (max |pytorch −
+    reference|), ``bound`` (``parity_bound``) and ``logit_scale`` (max |reference|)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    _finite_and_shaped(np.asarray(exported), reference.shape, "ONNX export")
+    scale = float(np.abs(reference).max())
+    pytorch_error = float(np.abs(np.asarray(pytorch, dtype=np.float64) - reference).max())
+    onnx_error = float(np.abs(np.asarray(exported, dtype=np.float64) - reference).max())
+    bound = parity_bound(pytorch_error, scale)
+    if onnx_error > bound:
+        raise OptimizationError(
+            f"ONNX logits differ from a float64 forward of the same weights by {onnx_error:.2e}, more than the bound {bound:.2e} = "
+            f"{PARITY_FACTOR} × max(PyTorch float32's own difference from it, {pytorch_error:.2e}, and the floor {PARITY_FLOOR:g} × {max(1.0, scale):.1f}, "
+            "the largest |logit|): the export is wrong"
+        )
+    return {"onnx_error": onnx_error, "pytorch_float32_error": pytorch_error, "bound": bound, "logit_scale": scale}
+
+
+def sanity_check(pytorch: np.ndarray, exported: np.ndarray) -> None:
+    """The check for lossy (int8) exports: the logits have the right shape and are finite. How far they may
+    be from float is not decided here but by the evaluator (perplexity, greedy agreement) and the gate."""
+    _finite_and_shaped(np.asarray(exported), np.asarray(pytorch).shape, "ONNX int8 export")
+
+
+def _logits(model: PreTrainedModel, prompts: list[torch.Tensor]) -> list[np.ndarray]:
     with torch.no_grad():
-        reference = [model(input_ids=p[None]).logits[0].numpy() for p in prompts]
-    # prefill: both prompts (without their last token) in one batch, the shorter one padded at the end
+        return [model(input_ids=p[None]).logits[0].numpy() for p in prompts]
+
+
+def float64_logits(model: PreTrainedModel, prompts: list[torch.Tensor]) -> list[np.ndarray]:
+    """The same weights' logits in float64. The model is cast in place and back (float32 → float64 → float32
+    is exact) rather than copied: while it lasts it holds the float64 weights only, 8 bytes per parameter
+    (1.1 GB for SmolLM2-135M), not a float32 copy besides. Ops the model's code itself runs in float32
+    (rotary tables, Llama's RMSNorm) stay float32 in the reference too: on SmolLM2 that moves it by 4.2e-5
+    from an all-float64 forward, a tenth of PyTorch float32's own 3.8e-4, so the reference stays the better one."""
+    model.to(torch.float64)
+    try:
+        return _logits(model, prompts)
+    finally:
+        model.to(torch.float32)
+
+
+def exported_logits(session: onnx_model.OnnxModel, prompts: list[torch.Tensor]) -> tuple[list[np.ndarray], list[int]]:
+    """Each prompt's logits from the graph at the positions of the full-prompt forward: a batched prefill of all
+    but the last token (the shorter prompt padded at the end), then a batched decode of the last tokens from
+    the graph's own cache, the shorter row's surplus slots empty (−1). Also the prompts' prefill lengths."""
+    lengths = [len(p) - 1 for p in prompts]
     T = max(lengths)
-    ids = np.zeros((2, T), dtype=np.int64)
-    positions = np.zeros((2, T), dtype=np.int64)
+    ids = np.zeros((len(prompts), T), dtype=np.int64)
+    positions = np.zeros((len(prompts), T), dtype=np.int64)
     for row, (p, n) in enumerate(zip(prompts, lengths)):
         ids[row, :n] = p[:n].numpy()
         positions[row] = np.arange(T)
-    past_positions, past = session.empty_past(2)
+    past_positions, past = session.empty_past(len(prompts))
     out = session.run(ids, positions, past_positions, past)
-    prefill = max(float(np.abs(out[0][row, :n] - reference[row][:n]).max()) for row, n in enumerate(lengths))
-    # decode: each row's last token, its own cache; the shorter row's surplus slots are empty (−1)
-    past_positions = np.full((2, T), -1, dtype=np.int64)
+    past_positions = np.full((len(prompts), T), -1, dtype=np.int64)
     for row, n in enumerate(lengths):
         past_positions[row, :n] = np.arange(n)
     new_ids = np.array([[p[n].item()] for p, n in zip(prompts, lengths)])
     out2 = session.run(new_ids, np.array([[n] for n in lengths]), past_positions, out[1:])
-    decode = max(float(np.abs(out2[0][row, 0] - reference[row][n]).max()) for row, n in enumerate(lengths))
-    return {"prefill": prefill, "decode": decode, "logit_scale": float(max(np.abs(r).max() for r in reference))}
+    return [np.concatenate([out[0][row, :n], out2[0][row, :1]]) for row, n in enumerate(lengths)], lengths
+
+
+def parity(model: PreTrainedModel, session: onnx_model.OnnxModel, quantized: bool = False) -> dict:
+    """Check the graph against the model (``judge_parity``, or only ``sanity_check`` when ``quantized``) on two
+    prompts of 7 and 4 tokens plus one decoded each. Returns ``max_abs_logit_difference`` from PyTorch float32
+    (prefill, decode), ``max_abs_logit`` and, unless quantized, ``parity``: ``judge_parity``'s numbers."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, model.config.vocab_size, (n + 1,), generator=g) for n in (7, 4)]
+    pytorch = _logits(model, prompts)
+    exported, lengths = exported_logits(session, prompts)
+    pytorch_all, exported_all = np.concatenate(pytorch), np.concatenate(exported)
+    result = {
+        "max_abs_logit_difference": {
+            "prefill": max(float(np.abs(e[:n] - r[:n]).max()) for e, r, n in zip(exported, pytorch, lengths)),
+            "decode": max(float(np.abs(e[n] - r[n]).max()) for e, r, n in zip(exported, pytorch, lengths)),
+        },
+        "max_abs_logit": float(np.abs(pytorch_all).max()),
+    }
+    if quantized:
+        sanity_check(pytorch_all, exported_all)
+        return result
+    reference = np.concatenate(float64_logits(model, prompts))
+    verdict = judge_parity(reference, pytorch_all, exported_all)
+    del reference
+    return {**result, "parity": {"reference": "float64", "factor": PARITY_FACTOR, **verdict}}
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -244,15 +337,10 @@ def export(loaded: LoadedModel, output_dir: Path, quantize: bool = False) -> dic
     }
     (output_dir / onnx_model.MANIFEST).write_text(json.dumps(manifest, indent=2))
     copy_tokenizer(loaded, output_dir)
-    measured = parity(model, onnx_model.OnnxModel(output_dir))
-    scale = measured.pop("logit_scale")
-    tolerance = PARITY_TOLERANCE * max(1.0, scale / 10)
-    if not quantize and max(measured.values()) > tolerance:
-        raise OptimizationError(f"ONNX logits differ from PyTorch by {max(measured.values()):.2e} (> {tolerance:.2g} for logits up to {scale:.1f})")
+    measured = parity(model, onnx_model.OnnxModel(output_dir), quantized=quantize)
     return {
         "graph": graph.name,
         "quantized": manifest["quantized"],
-        "max_abs_logit_difference": measured,
-        "max_abs_logit": scale,
-        "parity_tolerance": None if quantize else tolerance,
+        **measured,
+        "parity": measured.get("parity"),  # None for int8: its quality is the evaluator's and the gate's to judge
     }
