@@ -79,6 +79,7 @@ class LLMModel(kserve.Model):
             return self.ready
         loaded = load_model(self.model_dir, **self.options)
         logger.info("loaded %s (%s, %s, max_model_len=%d)", self.model_dir, loaded.device, loaded.dtype, loaded.max_model_len)
+        logger.info("dtype %s: %s", str(loaded.dtype).removeprefix("torch."), loaded.dtype_reason)
         if loaded.sampling_defaults:
             logger.info("sampling defaults from generation_config.json (requests may override): %s", loaded.sampling_defaults)
         lora = None

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA.",
+        help="Weights, activations and KV-cache dtype; auto: on CPU bfloat16 where it has AMX-BF16 or AVX512-BF16, float32 elsewhere; "
+        "on CUDA bfloat16 (float16 if the model was saved so).",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available.")
     parser.add_argument("--max_model_len", type=int, default=None, help="Longest prompt + generation in tokens (default: the model's context length).")
@@ -128,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--request_timeout", type=float, default=600.0, help="Seconds a request may take from arrival to its last token (0: no limit); past it, 504."
     )
     engine.add_argument(
-        "--max_prefill_tokens", type=_positive, default=2048, help="Prompt tokens prefilled in one engine step (at least one prompt always is)."
+        "--max_prefill_tokens",
+        type=_positive,
+        default=512,
+        help="Prompt tokens prefilled in one engine step: a longer prompt is prefilled in chunks over several steps, "
+        "interleaved with the running decodes (the row-by-row runner takes one prompt whole).",
     )
     engine.add_argument(
         "--shutdown_grace_period", type=float, default=30.0, help="Seconds after SIGTERM for accepted requests to finish before the server exits."

@@ -51,6 +51,10 @@ def tiny_model_dir() -> Path:
 def start_server(
     model_dir: Path | None, tmp: Path, *extra: str, name: str = MODEL_NAME, timeout: float = 120, env: dict[str, str] | None = None
 ) -> ServerProcess:
+    """The real predictor on loopback. In float32 unless ``extra`` names a ``--dtype``: ``--dtype auto`` is bfloat16 on
+    CPUs with native bfloat16 products, and the exactness tests compare against ``model.generate`` in float32."""
+    if "--dtype" not in extra:
+        extra = ("--dtype", "float32", *extra)
     return launch.start_server(model_dir, tmp, *extra, name=name, timeout=timeout, cwd=REPO, env=env)
 
 

@@ -153,7 +153,7 @@ MARKED_TOKEN = 99  # the detokenizer raises for sequences whose prompt starts wi
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_model(tiny_model_dir)
+    return load_model(tiny_model_dir, dtype="float32")
 
 
 def run_engine(loaded, requests: list[GenerationRequest], tracer=None) -> list[list[int] | BaseException]:

@@ -122,10 +122,20 @@ class FakeSequence:
     def __init__(self, prompt_len: int):
         self.tokens_to_prefill = [1] * prompt_len
         self.blocks: list[int] = []
-        self.length = prompt_len
+        self.length = 0
+        self.prefill_target = 0
+        self.chunk = 0
         self.needs_prompt_logits = False
         self.cached = 0
         self.digests: list[bytes] = []
+
+    @property
+    def prefilling(self) -> bool:
+        return self.length < self.prefill_target
+
+    def ran(self) -> None:
+        """What the engine does after the step's prefill forward."""
+        self.length += self.chunk
 
 
 def test_scheduler_admits_by_blocks_and_preempts_the_newest():
@@ -135,7 +145,9 @@ def test_scheduler_admits_by_blocks_and_preempts_the_newest():
     scheduler = Scheduler(BlockAllocator(6, block_size=16), max_num_seqs=8, max_prefill_tokens=1000)  # 5 usable blocks
     seqs = [FakeSequence(16) for _ in range(4)]
     scheduler.waiting.extend(seqs)
-    admitted = scheduler.admit()
+    admitted = scheduler.admit(1000)
+    for s in admitted:
+        s.ran()
     # each needs 1 block and leaves one spare per running sequence: 3 fit (5-1 ≥ 0, 4-1 ≥ 1, 3-1 ≥ 2), the 4th waits
     assert admitted == seqs[:3] and list(scheduler.waiting) == seqs[3:]
     assert sorted(b for s in admitted for b in s.blocks) == [1, 2, 3] and 0 not in scheduler.allocator._free
@@ -148,15 +160,41 @@ def test_scheduler_admits_by_blocks_and_preempts_the_newest():
     assert scheduler.allocator.free == 3 and scheduler.running == [seqs[1]]
 
 
-def test_scheduler_respects_the_prefill_budget_and_batch_limit():
+def test_scheduler_chunks_prefill_within_the_budget_and_batch_limit():
     from predictor.engine.kv_cache import BlockAllocator
     from predictor.engine.scheduler import Scheduler
 
     scheduler = Scheduler(BlockAllocator(100, block_size=16), max_num_seqs=3, max_prefill_tokens=40)
+    seqs = [FakeSequence(n) for n in (50, 10, 25, 10, 10)]
+    scheduler.waiting.extend(seqs)
+
+    def step() -> tuple[list, list[tuple[int, int]]]:
+        admitted, chunks = scheduler.schedule_prefill()
+        plan = [(seqs.index(s), s.chunk) for s in chunks]
+        for s in chunks:
+            s.ran()
+        return [seqs.index(s) for s in admitted], plan
+
+    assert step() == ([0], [(0, 40)])  # the long prompt takes the whole budget: its first chunk
+    assert seqs[0].prefilling and len(seqs[0].blocks) == 4  # every block of its prompt from admission
+    assert step() == ([1, 2], [(0, 10), (1, 10), (2, 20)])  # its rest first, then new prompts in what is left
+    assert step() == ([], [(2, 5)])  # the batch limit (3) keeps the other two waiting
+    assert not any(s.prefilling for s in seqs[:3]) and len(scheduler.waiting) == 2
+
+
+def test_scheduler_without_chunking_takes_one_prompt_whole():
+    """The row-by-row runner cannot continue a prefill: there one prompt always may, over the budget."""
+    from predictor.engine.kv_cache import BlockAllocator
+    from predictor.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockAllocator(100, block_size=16), max_num_seqs=3, max_prefill_tokens=40, chunked_prefill=False)
     seqs = [FakeSequence(n) for n in (50, 10, 10, 10, 10)]
     scheduler.waiting.extend(seqs)
-    assert scheduler.admit() == seqs[:1]  # one prompt always may, even over the budget
-    assert scheduler.admit() == seqs[1:3]  # the batch limit (3) stops the rest
+    admitted, chunks = scheduler.schedule_prefill()
+    assert admitted == chunks == seqs[:1] and seqs[0].chunk == 50
+    seqs[0].ran()
+    admitted, chunks = scheduler.schedule_prefill()
+    assert admitted == seqs[1:3]  # the batch limit (3) stops the rest
     assert len(scheduler.waiting) == 2
 
 

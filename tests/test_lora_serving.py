@@ -184,11 +184,11 @@ def test_slots_are_loaded_on_demand_never_taken_from_running_rows_and_waiting_re
     seqs = {key: FakeSequence(adapter) for key, adapter in (("a1", "a"), ("b1", "b"), ("c1", "c"), ("base", None), ("a2", "a"))}
     scheduler.waiting.extend(seqs.values())
     # a and b take the two slots; c finds none and waits, and a2 waits behind it although a is loaded; the base request passes
-    assert scheduler.admit() == [seqs["a1"], seqs["b1"], seqs["base"]]
+    assert scheduler.admit(2048) == [seqs["a1"], seqs["b1"], seqs["base"]]
     assert list(scheduler.waiting) == [seqs["c1"], seqs["a2"]] and lora.slot_adapter == [None, "a", "b"] and seqs["base"].lora_slot == 0
-    assert scheduler.admit() == [] and lora.loads == 2  # no slot is taken from a running row
+    assert scheduler.admit(2048) == [] and lora.loads == 2  # no slot is taken from a running row
     scheduler.free(seqs["b1"])  # b's slot is idle now: c is loaded into it; a2 shares a's slot
-    assert scheduler.admit() == [seqs["c1"], seqs["a2"]] and lora.slot_adapter == [None, "a", "c"] and lora.loads == 3
+    assert scheduler.admit(2048) == [seqs["c1"], seqs["a2"]] and lora.slot_adapter == [None, "a", "c"] and lora.loads == 3
     assert (seqs["c1"].lora_slot, seqs["a2"].lora_slot, lora.refs) == (2, 1, [0, 2, 1])
     for key in ("a1", "a2", "c1"):
         scheduler.free(seqs[key])

@@ -138,7 +138,7 @@ def test_a_request_that_fails_gets_an_error_span(collector, tiny_model_dir, monk
     inject_sampler_fault(monkeypatch)
     tracer = RequestTracer(collector.url, MODEL_NAME)
     requests = make_requests(SamplingParams(max_tokens=12, temperature=MARKED_TEMPERATURE, seed=1))
-    run_engine(load_model(tiny_model_dir), requests, tracer)
+    run_engine(load_model(tiny_model_dir, dtype="float32"), requests, tracer)
     tracer.shutdown()  # exports what is queued
     bad, good = collector.wait_for("bad"), collector.wait_for("good-0")
     assert bad["error"] and "gen_ai.response.finish_reasons" not in bad["attributes"]

@@ -1,10 +1,11 @@
 """The continuous-batching engine: every protocol's requests in, streamed ``StepOutput``s out.
 
 One background thread owns the model. Each iteration it (1) drops cancelled and timed-out sequences,
-(2) admits waiting requests (``scheduler.py``: batch room, prefill budget, KV-cache blocks) and
-prefills them in one forward, (3) gives every running sequence the KV-cache block its next token needs
-(preempting the newest when the pool is empty) and runs one batched decode step over all of them, each
-with its own position, sampling parameters and generator. A sequence that finishes leaves at once and
+(2) admits waiting requests (``scheduler.py``: batch room, prefill budget, KV-cache blocks) and runs
+this step's prefill chunks in one forward (at most ``--max_prefill_tokens`` prompt tokens: a long prompt
+is prefilled over several steps, its first token sampled after its last chunk), (3) gives every decoding
+sequence the KV-cache block its next token needs (preempting the newest when the pool is empty) and runs
+one batched decode step over all of them, each with its own position, sampling parameters and generator. A sequence that finishes leaves at once and
 its blocks go to the next admission. The asyncio side only submits requests and awaits outputs, so
 HTTP and gRPC stay responsive while tensors are computed.
 
@@ -70,7 +71,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_queue: int = 256
     request_timeout: float = 600.0
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 512  # chunked prefill's step budget (vLLM's default for chunked prefill)
     kv_cache_memory: int | None = None  # bytes; None: the device default (kv_cache.py)
     enable_prefix_caching: bool = True  # with the paged runner only (others keep per-sequence state)
 
@@ -87,6 +88,8 @@ class Sequence:
     seq_id: int = -1
     blocks: list[int] = field(default_factory=list)  # the KV-cache block table
     length: int = 0  # positions in the KV cache
+    prefill_target: int = 0  # positions its prefill fills (set at admission); it decodes once length reaches it
+    chunk: int = 0  # prompt tokens it prefills in the current step (scheduler.schedule_prefill)
     cached: int = 0  # leading positions found in the prefix cache at admission (not recomputed)
     digests: list[bytes] = field(default_factory=list)  # of its full prefill blocks, for the prefix cache
     pending: int = -1  # the last sampled token, fed at the next decode step
@@ -108,6 +111,11 @@ class Sequence:
     def needs_prompt_logits(self) -> bool:
         """Prompt logprobs were asked and not sent yet: every prompt token must be computed."""
         return bool(self.request.prompt_logprobs) and not self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted, with prompt tokens still to run (chunked prefill)."""
+        return self.length < self.prefill_target
 
     @property
     def tokens_to_prefill(self) -> list[int]:
@@ -175,7 +183,8 @@ class Engine:
                 self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device, self.lora)
                 prefix_caching = self.config.enable_prefix_caching and isinstance(self.runner, PagedRunner)
                 allocator = BlockAllocator(self.runner.num_blocks)
-                self.scheduler = Scheduler(allocator, self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching, self.lora)
+                chunked = isinstance(self.runner, PagedRunner)  # the others cannot continue a prefill from a cached position
+                self.scheduler = Scheduler(allocator, self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching, self.lora, chunked)
                 if self.metrics:
                     dtype = str(getattr(self.runner, "dtype", torch.float32)).removeprefix("torch.")
                     self.metrics.cache_config(allocator.block_size, allocator.capacity, prefix_caching, dtype)
@@ -317,10 +326,10 @@ class Engine:
         now = time.monotonic()
         failures = self._failed_steps
         self._expire(now)
-        admitted = self._admit(now)
-        if admitted:
-            self._prefill(admitted)
-        if self.running:
+        chunks = self._admit(now)
+        if chunks:
+            self._prefill(chunks)
+        if any(not s.prefilling for s in self.running):
             self._decode()
         if self._failed_steps == failures:  # a whole step without a failure: the engine works
             self._failed_steps = 0
@@ -410,21 +419,23 @@ class Engine:
                 self.tracer.record(seq, now, error="timed out (--request_timeout)")
 
     def _admit(self, now: float) -> list[Sequence]:
+        """Admit what fits; returns every sequence with a prefill chunk this step."""
         with self._cond:
-            admitted = self.scheduler.admit()
-        started = []
+            admitted, chunks = self.scheduler.schedule_prefill()
+        failed = set()
         for seq in admitted:
             if self.metrics and self.scheduler.prefix_caching:
                 self.metrics.prefix_cache_queries.inc(len(seq.tokens_to_prefill))
                 self.metrics.prefix_cache_hits.inc(seq.cached)
+            if seq.needs_prompt_logits:
+                seq.prompt_logprobs = None  # collected chunk by chunk, from the start again after a preemption
             if seq.detok is None:  # not re-admitted after a preemption (then its state carries on)
                 try:
                     self._start_sequence(seq, now)
                 except Exception as exc:
                     self._fail(seq, exc, "starting")
-                    continue
-            started.append(seq)
-        return started
+                    failed.add(seq)
+        return [seq for seq in chunks if seq not in failed]
 
     def _start_sequence(self, seq: Sequence, now: float) -> None:
         """A sequence's first admission: its generator, detokenizer and grammar state."""
@@ -440,26 +451,26 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
 
     def _run_prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
-        chunks = []
-        for seq in seqs:
-            # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
-            tokens = seq.tokens_to_prefill
-            chunks.append(Chunk(seq.seq_id, tokens[seq.cached :], seq.cached, seq.blocks, seq.needs_prompt_logits, seq.lora_slot))
-            seq.length = len(tokens)
+        # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
+        chunks = [Chunk(s.seq_id, s.tokens_to_prefill[s.length : s.length + s.chunk], s.length, s.blocks, s.needs_prompt_logits, s.lora_slot) for s in seqs]
         return self.runner.prefill(chunks)
 
-    def _prefill(self, admitted: list[Sequence]) -> None:
-        admitted, logits = self._forward(admitted, self._run_prefill, "prefill")
-        if not admitted:
+    def _prefill(self, chunks: list[Sequence]) -> None:
+        ran, logits = self._forward(chunks, self._run_prefill, "prefill")
+        if not ran:
             return
-        for seq in admitted:
-            self.scheduler.computed(seq)
-        last = []
-        for seq, seq_logits in zip(admitted, logits):
+        done, last = [], []
+        for seq, seq_logits in zip(ran, logits):
             if seq.needs_prompt_logits:
-                seq.prompt_logprobs = _prompt_logprobs(seq_logits, seq.request.prompt_ids, seq.request.params.logprobs or 0)
-            last.append(seq_logits[-1])
-        self._sample_and_emit(admitted, torch.stack(last))
+                got = _prompt_logprobs(seq_logits, seq.request.prompt_ids, seq.length, seq.request.params.logprobs or 0)
+                seq.prompt_logprobs = (seq.prompt_logprobs or []) + got
+            seq.length += seq.chunk
+            if not seq.prefilling:  # its last chunk: its whole prompt is in the cache, and its first token is drawn
+                self.scheduler.computed(seq)
+                done.append(seq)
+                last.append(seq_logits[-1])
+        if done:
+            self._sample_and_emit(done, torch.stack(last))
 
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
         return self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks, lora_slot=s.lora_slot) for s in seqs])
@@ -471,7 +482,7 @@ class Engine:
             self.runner.release(seq.seq_id)
             if self.metrics:
                 self.metrics.preemptions.inc()
-        batch = list(self.running)
+        batch = [s for s in self.running if not s.prefilling]
         if not batch:
             return
         batch, logits = self._forward(batch, self._run_decode, "decode")
@@ -605,7 +616,9 @@ class Engine:
                 self.metrics.lora_info(self.lora.max_loras, {s.request.lora for s in self.running} - {None}, waiting)
 
 
-def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top_n: int) -> list[TokenLogprob | None]:
-    """Log-probability of each prompt token given the ones before it (None for the first). logits: (P, V)."""
+def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], start: int, top_n: int) -> list[TokenLogprob | None]:
+    """Log-probability of each prompt token given the ones before it (None for the first), for the chunk of positions
+    ``start, start+1, …`` whose logits (T, V) these are: row j scores the prompt token at ``start + j + 1``."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return [None] + [token_logprob(logprobs[i - 1], prompt_ids[i], top_n) for i in range(1, len(prompt_ids))]
+    first = [None] if start == 0 else []
+    return first + [token_logprob(logprobs[j], prompt_ids[start + j + 1], top_n) for j in range(len(logits)) if start + j + 1 < len(prompt_ids)]

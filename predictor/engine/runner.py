@@ -151,7 +151,7 @@ class PagedRunner(ModelRunner):
         self.cache = PagedKVCache(self.layers, self.num_blocks, self.dtype, device)
         if lora is not None:
             lora.attach(model)  # before packing: packing then replaces each wrapper's base projection
-        packed = pack_model(model, max_num_seqs) if can_pack(device, self.dtype) else (0, 0)
+        packed = pack_model(model, max_num_seqs, self.dtype) if can_pack(device, self.dtype) else (0, 0)
         self.path = (
             f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
             f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "

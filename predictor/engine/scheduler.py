@@ -1,9 +1,13 @@
 """What runs each step: admission from the waiting queue, KV-cache blocks per sequence, preemption.
 
 First come, first served. A waiting request is admitted when the running batch has room
-(``--max_num_seqs``), the step's prefill budget allows it (``--max_prefill_tokens``; one prompt always
-may), and the KV-cache pool has blocks for its tokens with one block to spare per running sequence, so
-that the batch can keep growing. Each decode step first gives every sequence whose next position
+(``--max_num_seqs``), the step's prefill budget has tokens left (``--max_prefill_tokens``), and the KV-cache
+pool has blocks for its tokens with one block to spare per running sequence, so that the batch can keep
+growing. Chunked prefill (vLLM V1's default): each step runs at most ``--max_prefill_tokens`` prompt tokens,
+first the rest of prompts already being prefilled, then new ones; a prompt longer than what is left is
+prefilled in chunks over the next steps, interleaved with the running decodes, so a 4k-token prompt does not
+stall every stream for its whole prefill. (A runner that cannot continue a prefill, ``HFRunner``, takes each
+prompt whole: there one prompt always may, over the budget.) Each decode step first gives every sequence whose next position
 starts a new block that block; when the pool is empty the newest running sequence is preempted: its
 blocks go back to the pool and it returns to the front of the queue, to be recomputed from its prompt
 and the tokens it already generated (vLLM's recompute preemption). Nothing is failed for lack of memory;
@@ -25,8 +29,17 @@ if TYPE_CHECKING:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_prefill_tokens: int, prefix_caching: bool = False, lora: LoRAManager | None = None):
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        prefix_caching: bool = False,
+        lora: LoRAManager | None = None,
+        chunked_prefill: bool = True,
+    ):
         self.allocator = allocator
+        self.chunked_prefill = chunked_prefill
         self.lora = lora
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -40,8 +53,22 @@ class Scheduler:
         """Fraction of the KV-cache blocks in use."""
         return self.allocator.used / self.allocator.capacity
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running batch, with blocks for their prefill; returns them.
+    def schedule_prefill(self) -> tuple[list[Sequence], list[Sequence]]:
+        """This step's prefill: (the sequences admitted now, every sequence with prompt tokens to run now). Each of the
+        latter has ``seq.chunk`` set: its next ``chunk`` tokens from position ``seq.length``."""
+        budget = self.max_prefill_tokens
+        chunks = []
+        for seq in self.running:
+            if seq.prefilling and budget > 0:
+                seq.chunk = min(seq.prefill_target - seq.length, budget)
+                budget -= seq.chunk
+                chunks.append(seq)
+        admitted = self.admit(budget, first=not chunks)
+        return admitted, chunks + admitted
+
+    def admit(self, budget: int, first: bool = True) -> list[Sequence]:
+        """Move waiting sequences into the running batch, with blocks for their whole prefill, while ``budget`` prompt
+        tokens are left (``first``: nothing else prefills this step); returns them, each with its ``chunk``.
 
         With prefix caching, a sequence starts with the cached blocks of its longest cached prefix
         (``seq.cached`` positions, always leaving at least one token to compute) and needs blocks and
@@ -53,7 +80,6 @@ class Scheduler:
         """
         admitted: list[Sequence] = []
         skipped: list[Sequence] = []  # LoRA requests waiting for a slot, in queue order
-        budget = self.max_prefill_tokens
         bs = self.allocator.block_size
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -69,29 +95,33 @@ class Scheduler:
             n = len(tokens) - hits * bs
             needed = self.allocator.blocks_for(len(tokens)) - hits
             spare = len(self.running)  # one block of headroom per running sequence
-            if (admitted and n > budget) or self.allocator.free - unused - needed < (spare if self.running else 0):
+            over_budget = budget <= 0 if self.chunked_prefill else n > budget
+            if ((admitted or not first) and over_budget) or self.allocator.free - unused - needed < (spare if self.running else 0):
                 break
             self.waiting.popleft()
             seq.lora_slot = self.lora.acquire(lora) if lora is not None else 0
             seq.blocks = self.allocator.take_cached(reusable[:hits]) + self.allocator.allocate(needed)
-            seq.cached = hits * bs
-            budget -= n
+            seq.cached = seq.length = hits * bs
+            seq.prefill_target = len(tokens)
+            seq.chunk = min(n, budget) if self.chunked_prefill else n
+            budget -= seq.chunk
             self.running.append(seq)
             admitted.append(seq)
         self.waiting.extendleft(reversed(skipped))
         return admitted
 
     def computed(self, seq: Sequence) -> None:
-        """``seq``'s prefill ran: its full blocks may now be shared."""
+        """``seq``'s whole prefill ran: its full blocks may now be shared."""
         if self.prefix_caching:
             self.allocator.register(seq.blocks, seq.digests)
 
     def reserve_decode(self) -> list[Sequence]:
-        """Give each running sequence the block its next position needs, preempting the newest if the
-        pool is empty; returns the preempted sequences (already back at the front of ``waiting``)."""
+        """Give each decoding sequence the block its next position needs, preempting the newest if the
+        pool is empty; returns the preempted sequences (already back at the front of ``waiting``). A sequence
+        still prefilling has all its prompt's blocks from admission."""
         preempted: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below, for an older sequence
+            if seq not in self.running or seq.prefilling:  # preempted below, for an older sequence; or not decoding yet
                 continue
             while seq.length // self.allocator.block_size >= len(seq.blocks):
                 if self.allocator.free:
@@ -106,7 +136,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.free(seq)
-        seq.length = 0
+        seq.length = seq.prefill_target = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
 

