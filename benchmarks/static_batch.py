@@ -26,7 +26,8 @@ def measure(model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict:
         out = model.generate(ids, **kwargs)
         seconds = time.perf_counter() - start
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"batch": len(prompts), "output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    dtype = str(model.dtype).removeprefix("torch.")
+    return {"batch": len(prompts), "output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "dtype": dtype}
 
 
 if __name__ == "__main__":
