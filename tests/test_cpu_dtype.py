@@ -1,6 +1,6 @@
 """The CPU dtype policy: ``--dtype auto`` is bfloat16 where the CPU multiplies bfloat16 natively (AMX-BF16 or
 AVX512-BF16), float32 elsewhere, and the start-up log says which and why; bfloat16 projections are prepacked for
-oneDNN with the MLP activation fused, as float32 ones are."""
+oneDNN (sibling projections as one product), as float32 ones are."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ def test_no_cpuinfo_means_float32(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu.cpu_info().native_bf16, reason="this CPU has no native bfloat16 products (no amx_bf16 / avx512_bf16)")
-def test_bfloat16_projections_are_packed_and_fused():
+def test_bfloat16_projections_are_packed_and_shared():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from predictor.engine.packing import PackedLinear, can_pack, pack_model
+    from predictor.engine.packing import PackedLinear, SharedProjection, can_pack, pack_model
 
     assert can_pack(torch.device("cpu"), torch.bfloat16)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -60,9 +60,11 @@ def test_bfloat16_projections_are_packed_and_fused():
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         before = model(ids).logits.float()
-        packed, fused = pack_model(model, 16, torch.bfloat16)
+        packed, fused, shared = pack_model(model, 16, torch.bfloat16)
         after = model(ids).logits.float()
-    assert packed == 2 * 7 + 1 and fused == 2  # q/k/v/o and the three MLP projections per layer, the LM head; both MLPs fused
+    # per layer q/k/v and gate/up as two shared products, o and down packed; the LM head
+    assert (packed, fused, shared) == (2 * 2 + 1, 0, 2 * 2)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, SharedProjection)
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight.dtype == torch.bfloat16
     assert (after - before).abs().max() <= 0.05 * before.abs().max()
 

@@ -228,12 +228,13 @@ def test_int8_linear_rows_do_not_depend_on_their_batch_neighbours():
     assert relative.max() < 0.05  # each row quantized on its own range, the small ones too
 
 
-def test_packing_fuses_the_activation_only_where_the_mlp_is_unchanged():
-    """A gated MLP gets SiLU fused into gate_proj; one with the same attribute names that applies the activation
-    elsewhere keeps it, and both still compute what they did."""
+def test_packing_shares_sibling_products_and_fuses_activations_only_where_the_output_is_unchanged():
+    """A gated MLP's gate and up projections become slices of one packed product, and so do an attention's q, k and v,
+    whatever order or inputs they are called with; an MLP's activation is fused into its first projection (GPT-2's
+    shape) only where that leaves the output unchanged. Every module still computes what it did."""
     from torch import nn
 
-    from predictor.engine.packing import PackedLinear, pack_model
+    from predictor.engine.packing import PackedLinear, SharedProjection, pack_model
 
     class Gated(nn.Module):
         def __init__(self, swapped: bool):
@@ -246,11 +247,37 @@ def test_packing_fuses_the_activation_only_where_the_mlp_is_unchanged():
                 return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+
+        def forward(self, x, y):  # k reads another tensor, and v comes before q: each slice still its own product
+            return torch.cat([self.k_proj(y), self.v_proj(x), self.q_proj(x), self.k_proj(x)], dim=-1)
+
+    class Plain(nn.Module):
+        def __init__(self, swapped: bool):
+            super().__init__()
+            self.c_fc, self.c_proj, self.act, self.swapped = nn.Linear(32, 64), nn.Linear(64, 64), nn.GELU(), swapped
+
+        def forward(self, x):
+            return self.act(self.c_proj(self.c_fc(x))) if self.swapped else self.c_proj(self.act(self.c_fc(x)))
+
     torch.manual_seed(0)
-    x = torch.randn(5, 32) * 30  # large activations, as real weights give
-    for swapped, fused in ((False, 1), (True, 0)):
+    x, y = torch.randn(5, 32) * 30, torch.randn(5, 32)  # large activations, as real weights give
+    for swapped in (False, True):
         mlp = Gated(swapped).eval()
         expected = mlp(x)
-        assert pack_model(mlp, 16) == (3, fused)
-        assert isinstance(mlp.gate_proj, PackedLinear) and isinstance(mlp.act_fn, nn.Identity) == bool(fused)
+        assert pack_model(mlp, 16) == (1, 0, 1)
+        assert isinstance(mlp.gate_proj, SharedProjection) and isinstance(mlp.up_proj, SharedProjection)
+        assert torch.allclose(mlp(x), expected, rtol=1e-4, atol=1e-3)
+    attention = Attention().eval()
+    expected = attention(x, y)
+    assert pack_model(attention, 16) == (0, 0, 1)
+    assert torch.allclose(attention(x, y), expected, rtol=1e-4, atol=1e-3)
+    for swapped, fused in ((False, 1), (True, 0)):
+        mlp = Plain(swapped).eval()
+        expected = mlp(x)
+        assert pack_model(mlp, 16) == (2, fused, 0)
+        assert isinstance(mlp.c_fc, PackedLinear) and isinstance(mlp.act, nn.Identity) == bool(fused)
         assert torch.allclose(mlp(x), expected, rtol=1e-4, atol=1e-3)

@@ -85,9 +85,29 @@ def test_filtering_matches_the_reference_on_a_large_vocabulary():
     g = torch.Generator().manual_seed(0)
     for scale in (8.0, 2.0, 0.05):  # peaked (nucleus of a few tokens) ... flat (nucleus of most of the vocabulary)
         logits = torch.randn(49152, generator=g) * scale
-        for params in (SamplingParams(temperature=0.2, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.95), SamplingParams(temperature=1.0, top_k=50, top_p=0.9)):
+        for params in (
+            SamplingParams(temperature=0.2, top_p=0.9),
+            SamplingParams(temperature=1.0, top_p=0.95),
+            SamplingParams(temperature=1.0, top_k=50, top_p=0.9),
+        ):
             kept = torch.isfinite(filter_logits(logits, params)).numpy()
             assert (kept == (reference(logits, params) > 0)).all(), (scale, params)
+
+
+def test_a_batch_mixing_nucleus_strategies_filters_each_row_as_alone():
+    """Peaked, middling and flat rows in one batch take different strategies of the nucleus search; each row keeps
+    exactly the reference's tokens."""
+    g = torch.Generator().manual_seed(5)
+    scales = [8.0, 0.05, 2.0, 0.05, 8.0, 0.5]
+    logits = torch.stack([torch.randn(49152, generator=g) * s for s in scales])
+    params = [SamplingParams(temperature=1.0, top_p=tp) for tp in (0.9, 0.95, 0.9, 0.5, 0.99, 0.9)]
+    dense = torch.full_like(logits, float("-inf"))
+    for group in sampler.filter_rows(logits, params):
+        for i, row in enumerate(group.rows):
+            kept = torch.isfinite(group.logits[i])  # padding entries (id 0, -inf) are not tokens
+            dense[row, kept.nonzero()[:, 0] if group.ids is None else group.ids[i][kept]] = group.logits[i][kept]
+    for row, p in enumerate(params):
+        assert (torch.isfinite(dense[row]).numpy() == (reference(logits[row], p) > 0)).all(), (row, scales[row])
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():

@@ -7,7 +7,9 @@ sees one flat row of tokens: every sequence's new tokens side by side, (1, N), e
 
 - prefill: each sequence's new tokens attend causally to themselves (and, when it already has cached
   positions, to those first);
-- decode: one token per sequence, (B,) rows, each attending to its sequence's cached positions.
+- decode: one token per sequence, (B,) rows, each attending to its sequence's cached positions: on CPU by a
+  C++ operator that reads them where they are in the block pools (``paged_ops.py``, built once per machine),
+  elsewhere (or without a compiler) by gathering them into a buffer for SDPA.
 
 Variants come from the model: ``scaling``, ``sliding_window`` (per layer), ``softcap`` (Gemma 2), and
 grouped-query attention (the cache holds KV heads only; SDPA broadcasts them).
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from . import paged_ops
 from .kv_cache import LayerSpec, PagedKVCache
 
 ATTN_IMPLEMENTATION = "kserve_llm_paged"
@@ -44,6 +47,8 @@ class StepBatch:
     block_tables: torch.Tensor | None = None  # (B, nb); for decode, and prefill over cached positions
     last_positions: torch.Tensor | None = None  # (B,)
     probe: dict[int, LayerSpec] | None = None  # set for the start-up probe: record each layer's shapes
+    context_lens: torch.Tensor | None = None  # (B,) last_positions + 1, for the native decode operator
+    native_decode: bool = False  # decode attention by paged_ops (the runner checked it is built and takes this dtype)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -119,6 +124,11 @@ def paged_attention(
     batch.cache.write(layer, batch.slots, k_new, v_new)
     if batch.decode:
         B, H, D = query.shape[2], query.shape[1], query.shape[3]
+        if batch.native_decode:  # straight from the pools: no gather, no mask
+            out = paged_ops.decode_attention(
+                query[0].transpose(0, 1), batch.cache.k[layer], batch.cache.v[layer], batch.block_tables, batch.context_lens, scaling, window, softcap
+            )  # (B, H, D)
+            return out.reshape(1, B, H, D), None
         k, v = batch.cache.gather(layer, batch.block_tables)  # (B, KVH, L, D)
         mask = batch.decode_mask(window)  # (B, 1, 1, L)
         if softcap is None and k.shape[1] != H:

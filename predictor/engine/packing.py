@@ -101,12 +101,84 @@ def _fuse_activation(mlp: nn.Module, proj_name: str, act_name: str, dtype: torch
     return False
 
 
+# Sibling projections that read the same input, fused into one product (one oneDNN call instead of three or two):
+# measured here for SmolLM2's shapes, q+k+v 104 µs as three calls against 73 µs as one at one row, gate+up 152 against
+# 86 µs; at 16 rows gate+up 292 against 201 µs.
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _SharedOutput:
+    """The fused product of the last input, until every sibling has taken its slice (then dropped)."""
+
+    def __init__(self, fused: PackedLinear, siblings: int):
+        self.fused, self.siblings = fused, siblings
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.taken = 0
+
+    def slice(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if x is not self.input:
+            self.input, self.output, self.taken = x, self.fused(x), 0
+        out = self.output[..., start:end]
+        self.taken += 1
+        if self.taken == self.siblings:
+            self.input = self.output = None
+        return out
+
+
+class SharedProjection(nn.Module):
+    """One of several projections of the same input computed as one product: ``y = (x @ [W1; W2; ...].T)[..., a:b]``.
+
+    The first sibling called on an input computes the fused product; the others, called on the same tensor (as
+    transformers' attention and gated MLPs do: ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)``), take their slices of
+    it. Called on another tensor, a sibling computes the product anew, so the result is right whatever the order.
+    """
+
+    def __init__(self, shared: _SharedOutput, start: int, end: int):
+        super().__init__()
+        self.shared, self.start, self.end = shared, start, end
+        self.in_features, self.out_features = shared.fused.in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.slice(x, self.start, self.end)
+
+
+def _share(parent: nn.Module, names: tuple[str, ...], batch_size: int, dtype: torch.dtype) -> bool:
+    """Replace ``parent``'s sibling ``nn.Linear``s ``names`` by slices of one packed product, if they take the same input
+    size and agree on bias, and the parent's output is unchanged on a probe input."""
+    linears = [getattr(parent, name, None) for name in names]
+    if not all(type(m) is nn.Linear and m.weight.dtype == dtype for m in linears):
+        return False
+    if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+        return False
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    shared = _SharedOutput(PackedLinear(weight, bias, batch_size), len(names))
+    probe = torch.randn(4, linears[0].in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = [m(probe).float() for m in linears]
+    start = 0
+    for name, m in zip(names, linears):
+        setattr(parent, name, SharedProjection(shared, start, start + m.out_features))
+        start += m.out_features
+    got = [getattr(parent, name)(probe).float() for name in names]
+    if all((g - e).abs().max() <= FUSION_TOLERANCE[dtype] * max(float(e.abs().max()), 1e-6) for g, e in zip(got, expected)):
+        return True
+    for name, m in zip(names, linears):  # undo
+        setattr(parent, name, m)
+    return False
+
+
 @torch.no_grad()
-def pack_model(model: nn.Module, batch_size: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
-    """Pack every ``dtype`` projection in place and fuse MLP activations; returns (packed, fused) counts.
+def pack_model(model: nn.Module, batch_size: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """Fuse sibling projections, pack every ``dtype`` projection in place and fuse MLP activations; returns the
+    (packed, fused activations, shared products) counts.
 
     ``batch_size`` is the row count oneDNN optimises the layout for (the decode batch).
     """
+    shared = 0
+    for module in list(model.modules()):
+        for names in _SIBLINGS:
+            shared += _share(module, names, batch_size, dtype)
     packed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -119,4 +191,4 @@ def pack_model(model: nn.Module, batch_size: int, dtype: torch.dtype = torch.flo
         for proj_name, act_name in _MLP_SHAPES:
             if hasattr(module, proj_name) and hasattr(module, act_name):
                 fused += _fuse_activation(module, proj_name, act_name, dtype)
-    return packed, fused
+    return packed, fused, shared

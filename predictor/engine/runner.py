@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..loading import ModelLoadError
 from ..onnx_model import OnnxModel
-from . import kv_cache
+from . import kv_cache, paged_ops
 from .attention import ATTN_IMPLEMENTATION, StepBatch
 from .kv_cache import BLOCK_SIZE, LayerSpec, PagedKVCache
 from .lora import LoRAManager
@@ -151,11 +151,14 @@ class PagedRunner(ModelRunner):
         self.cache = PagedKVCache(self.layers, self.num_blocks, self.dtype, device)
         if lora is not None:
             lora.attach(model)  # before packing: packing then replaces each wrapper's base projection
-        packed = pack_model(model, max_num_seqs, self.dtype) if can_pack(device, self.dtype) else (0, 0)
+        packed = pack_model(model, max_num_seqs, self.dtype) if can_pack(device, self.dtype) else (0, 0, 0)
+        # Decode attention from the block pools by the C++ operator (built here, at start-up, if this machine has none).
+        self.native_decode = device.type == "cpu" and self.dtype in paged_ops.DTYPES and paged_ops.available()
         self.path = (
             f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
             f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "
-            f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]}"
+            f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]}, shared products (q/k/v, gate/up): {packed[2]}; "
+            f"decode attention: {'native, from the block pools' if self.native_decode else 'gathered blocks + SDPA'}"
             + (f"; {lora.describe()})" if lora is not None else ")")
         )
 
@@ -216,7 +219,17 @@ class PagedRunner(ModelRunner):
         bs = BLOCK_SIZE
         slots = torch.tensor([c.blocks[c.start // bs] * bs + c.start % bs for c in chunks], device=self.device)
         last = torch.tensor([c.start for c in chunks], device=self.device)
-        batch = StepBatch(self.cache, True, slots, list(range(len(chunks) + 1)), [c.start for c in chunks], self._tables(chunks), last)
+        batch = StepBatch(
+            self.cache,
+            True,
+            slots,
+            list(range(len(chunks) + 1)),
+            [c.start for c in chunks],
+            self._tables(chunks),
+            last,
+            context_lens=last + 1,
+            native_decode=self.native_decode,
+        )
         return self._forward(chunks, batch, torch.arange(len(chunks), device=self.device))  # (B, V)
 
     def release(self, seq_id: int) -> None:

@@ -122,16 +122,18 @@ def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
     pending, groups = list(range(R)), []
     for threshold in NUCLEUS_THRESHOLDS:
         rows = probs if len(pending) == R else probs[pending]
-        above = rows > threshold
-        done = [pending[i] for i in ((rows * above).sum(-1) >= p[pending]).nonzero()[:, 0].tolist()] if threshold else pending
-        if done:
-            sub = done if len(done) < len(pending) else list(range(len(pending)))
-            picked, ids = _gather_above(rows[sub] if len(done) < len(pending) else rows, above[sub] if len(done) < len(pending) else above)
+        picked, ids = _gather_above(rows, rows > threshold)
+        # Rows whose tokens above the threshold reach top_p (every row, at the last resort); positions within pending.
+        here = list(range(len(pending))) if not threshold else (picked.sum(-1) >= p[pending]).nonzero()[:, 0].tolist()
+        if here:
+            if len(here) < len(pending):
+                picked, ids = picked[here], ids[here]
             picked, order = picked.sort(dim=-1, descending=True)
             ids = ids.gather(1, order)
-            removed = _outside_top_p(picked, [top_p[r] for r in done]) | (picked == 0)
-            groups.append(Candidates(done, picked.log().masked_fill(removed, float("-inf")), ids))
-            pending = [r for r in pending if r not in set(done)]
+            removed = _outside_top_p(picked, [top_p[pending[i]] for i in here]) | (picked == 0)
+            groups.append(Candidates([pending[i] for i in here], picked.log().masked_fill(removed, float("-inf")), ids))
+        kept = set(here)
+        pending = [r for i, r in enumerate(pending) if i not in kept]
         if not pending:
             break
     return groups
@@ -156,6 +158,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return g.logits[0] if g.ids is None else torch.full_like(logits, float("-inf")).scatter_(0, g.ids[0], g.logits[0])
 
 
+@torch.inference_mode()
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -175,7 +178,9 @@ def sample(
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
     penalised = [row for row, p in enumerate(params) if _has_penalties(p)]
-    if penalised or eos_token_id is not None or allowed is not None:
+    # The grammar mask and EOS blocking below write -inf into the caller's logits (idempotent: a retry of the same
+    # rows gives the same tokens); penalties are not, so they get a copy.
+    if penalised:
         logits = logits.clone()
     if penalised:
         rows = logits[penalised]
@@ -191,8 +196,8 @@ def sample(
             blocked = [row for row in blocked if row not in only_eos]
         if blocked:
             logits[blocked, eos_token_id] = float("-inf")
-    tokens = torch.argmax(logits, dim=-1).tolist()  # greedy rows keep this
     drawn = [row for row, p in enumerate(params) if not p.greedy]
+    tokens = torch.argmax(logits, dim=-1).tolist() if len(drawn) < len(params) else [-1] * len(params)  # greedy rows keep this
     if drawn:
         rows = logits if len(drawn) == len(params) else logits[drawn]
         for g in filter_rows(rows, [params[r] for r in drawn]):
