@@ -40,6 +40,16 @@ def reference(logits: torch.Tensor, p: SamplingParams) -> np.ndarray:
     return out
 
 
+def assert_keeps_the_reference(kept: np.ndarray, logits: torch.Tensor, p: SamplingParams) -> None:
+    """``kept`` (V,) bool is the reference's kept set, up to ties at its boundary: a token float32 cannot tell from the
+    last one kept (probabilities within 1e-6 of each other, as in a flat distribution) may be swapped for it."""
+    expected = reference(logits, p) > 0
+    differ = kept != expected
+    if differ.any():
+        probs = torch.softmax(logits.double() / p.temperature, -1).numpy()
+        assert kept.sum() == expected.sum() and np.allclose(probs[differ], probs[expected].min(), rtol=1e-6), (int(differ.sum()), p)
+
+
 CASES = [
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.7, top_k=4),
@@ -90,8 +100,7 @@ def test_filtering_matches_the_reference_on_a_large_vocabulary():
             SamplingParams(temperature=1.0, top_p=0.95),
             SamplingParams(temperature=1.0, top_k=50, top_p=0.9),
         ):
-            kept = torch.isfinite(filter_logits(logits, params)).numpy()
-            assert (kept == (reference(logits, params) > 0)).all(), (scale, params)
+            assert_keeps_the_reference(torch.isfinite(filter_logits(logits, params)).numpy(), logits, params)
 
 
 def test_a_batch_mixing_nucleus_strategies_filters_each_row_as_alone():
@@ -107,7 +116,7 @@ def test_a_batch_mixing_nucleus_strategies_filters_each_row_as_alone():
             kept = torch.isfinite(group.logits[i])  # padding entries (id 0, -inf) are not tokens
             dense[row, kept.nonzero()[:, 0] if group.ids is None else group.ids[i][kept]] = group.logits[i][kept]
     for row, p in enumerate(params):
-        assert (torch.isfinite(dense[row]).numpy() == (reference(logits[row], p) > 0)).all(), (row, scales[row])
+        assert_keeps_the_reference(torch.isfinite(dense[row]).numpy(), logits[row], p)
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():

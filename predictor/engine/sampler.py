@@ -116,7 +116,9 @@ def _outside_top_p(sorted_probs: torch.Tensor, top_p: list[float]) -> torch.Tens
 def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
     """Top-p on (R, V) probabilities without sorting the vocabulary: the tokens above a threshold, if their mass
     reaches top_p, hold the whole nucleus (every token below comes after them in order, with at least top_p before
-    it), so only they are sorted. Tried at 1e-3 (at most 1,000 tokens), then 1e-5, then every token."""
+    it), so only they are sorted. Tried at 1e-3 (at most 1,000 tokens), then 1e-5, then every token. Three passes
+    over the vocabulary (softmax, compare, nonzero): ``logsumexp`` and ``exp`` measured 4-7x slower than softmax
+    here on low-temperature logits, whose far tail underflows into denormals."""
     R, V = probs.shape
     p = torch.tensor(top_p, device=probs.device)
     pending, groups = list(range(R)), []
@@ -141,8 +143,8 @@ def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
 
 def _gather_above(probs: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's entries where ``above``, packed left into (R, C) (C the most any row has), padded with probability 0."""
-    counts = above.sum(-1)
     row, col = above.nonzero(as_tuple=True)  # row-major: each row's columns in order
+    counts = torch.bincount(row, minlength=probs.shape[0])
     position = torch.arange(len(row), device=probs.device) - (counts.cumsum(0) - counts)[row]
     width = max(int(counts.max()), 1)
     picked = torch.zeros(probs.shape[0], width, device=probs.device, dtype=probs.dtype)
