@@ -162,13 +162,22 @@ def test_one_selection_for_the_whole_batch(monkeypatch):
     assert calls == {"sort": 1, "topk": 1}
 
 
-def test_the_nucleus_search_falls_back_to_every_token(monkeypatch):
-    """With the cheap thresholds disabled, the last resort (every token) gives the same kept set."""
-    logits = torch.randn(5000, generator=torch.Generator().manual_seed(2)) * 3
-    params = SamplingParams(temperature=1.0, top_p=0.9)
-    fast = torch.isfinite(filter_logits(logits, params))
-    monkeypatch.setattr(sampler, "NUCLEUS_THRESHOLDS", (0.0,))
-    assert torch.equal(torch.isfinite(filter_logits(logits, params)), fast)
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.5])
+def test_the_bisection_keeps_what_the_threshold_keeps(monkeypatch, scale):
+    """With the threshold disabled, every row is bisected, down to a few tokens sorted or to one sorted range: the
+    same kept set as the threshold's (or the reference's, up to float32 ties at its boundary)."""
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2)) * scale
+    params = [SamplingParams(temperature=1.0, top_p=tp) for tp in (0.9, 0.5, 0.99)]
+    fast = [torch.isfinite(filter_logits(logits[r], params[r])) for r in range(3)]
+    monkeypatch.setattr(sampler, "NUCLEUS_THRESHOLDS", ())
+    for tokens in (4096, 256, 1):  # a sorted range of a few thousand or a few hundred tokens, and every step run
+        monkeypatch.setattr(sampler, "BISECTION_TOKENS", tokens)
+        (group,) = sampler.filter_rows(logits, params)
+        assert group.ids is None
+        for r in range(3):
+            kept = torch.isfinite(group.logits[r])
+            if not torch.equal(kept, fast[r]):
+                assert_keeps_the_reference(kept.numpy(), logits[r], params[r])
 
 
 def test_seeded_request_same_text_alone_and_batched(server):

@@ -16,9 +16,14 @@ import torch
 
 from ..sampling import SamplingParams, TokenLogprob
 
-# Top-p looks first at the tokens above these probabilities (sorting 49,152 tokens costs ~10 ms a row on one core,
-# a partial selection of 1,024 ~1 ms); 0.0, every token of nonzero probability, is the last resort.
-NUCLEUS_THRESHOLDS = (1e-3, 1e-5, 0.0)
+# Top-p looks first at the tokens above these probabilities (sorting 49,152 tokens costs ~10 ms a row on one core);
+# rows whose nucleus reaches below them (nearly flat distributions) go to the bisection (``_bisect_nucleus``).
+NUCLEUS_THRESHOLDS = (1e-3, 1e-5)
+# The bisection narrows the probability range around a row's top-p boundary until at most this many tokens are in
+# it (then they are sorted), or for at most BISECTION_STEPS halvings. Measured on 16 flat rows of 50,257 tokens, one
+# core: 69-70 ms against 125-128 ms sorting every token.
+BISECTION_TOKENS = 4096
+BISECTION_STEPS = 40
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]]) -> None:
@@ -116,7 +121,7 @@ def _outside_top_p(sorted_probs: torch.Tensor, top_p: list[float]) -> torch.Tens
 def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
     """Top-p on (R, V) probabilities without sorting the vocabulary: the tokens above a threshold, if their mass
     reaches top_p, hold the whole nucleus (every token below comes after them in order, with at least top_p before
-    it), so only they are sorted. Tried at 1e-3 (at most 1,000 tokens), then 1e-5, then every token. Three passes
+    it), so only they are sorted. Tried at 1e-3 (at most 1,000 tokens), then 1e-5; the other rows are bisected. Three passes
     over the vocabulary (softmax, compare, nonzero): ``logsumexp`` and ``exp`` measured 4-7x slower than softmax
     here on low-temperature logits, whose far tail underflows into denormals."""
     R, V = probs.shape
@@ -126,7 +131,7 @@ def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
         rows = probs if len(pending) == R else probs[pending]
         picked, ids = _gather_above(rows, rows > threshold)
         # Rows whose tokens above the threshold reach top_p (every row, at the last resort); positions within pending.
-        here = list(range(len(pending))) if not threshold else (picked.sum(-1) >= p[pending]).nonzero()[:, 0].tolist()
+        here = (picked.sum(-1) >= p[pending]).nonzero()[:, 0].tolist()
         if here:
             if len(here) < len(pending):
                 picked, ids = picked[here], ids[here]
@@ -138,7 +143,35 @@ def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
         pending = [r for i, r in enumerate(pending) if i not in kept]
         if not pending:
             break
+    if pending:
+        rows = probs if len(pending) == R else probs[pending]
+        groups.append(Candidates(pending, _bisect_nucleus(rows, [top_p[r] for r in pending]), None))
     return groups
+
+
+def _bisect_nucleus(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """Top-p on (R, V) probabilities whose nucleus is wide (a flat distribution), without sorting the vocabulary:
+    bisect a probability range (lo, hi] per row with mass(p > hi) < top_p ≤ mass(p > lo). Every token above hi is in
+    the nucleus (less than top_p comes before it), every token at or below lo is not (at least top_p comes before
+    it); only the few in between are sorted. Returns the rows' log-probabilities, ``-inf`` outside the nucleus."""
+    p = torch.tensor(top_p, device=probs.device, dtype=probs.dtype)[:, None]
+    lo = torch.zeros_like(p)
+    hi = probs.amax(-1, keepdim=True)
+    for _ in range(BISECTION_STEPS):
+        if int(((probs > lo) & (probs <= hi)).sum(-1).max()) <= BISECTION_TOKENS:
+            break
+        mid = (lo + hi) / 2
+        up = torch.where(probs > mid, probs, 0.0).sum(-1, keepdim=True) >= p  # the boundary is above mid
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    sure = probs > hi
+    before = torch.where(sure, probs, 0.0).sum(-1, keepdim=True)  # the mass ahead of every ambiguous token
+    picked, ids = _gather_above(probs, (probs > lo) & ~sure)
+    picked, order = picked.sort(dim=-1, descending=True)
+    ids = ids.gather(1, order)
+    inside = (before + picked.cumsum(-1) - picked < p) & (picked > 0)  # the token that crosses top_p is kept
+    keep = sure.clone()
+    keep[torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)[inside], ids[inside]] = True
+    return probs.log().masked_fill(~keep, float("-inf"))
 
 
 def _gather_above(probs: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
