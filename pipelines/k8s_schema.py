@@ -1,8 +1,8 @@
 """Offline validation of Kubernetes objects: custom resources against their CRDs' OpenAPI schemas, core kinds
 with ``kubernetes-validate``; unknown fields are rejected, as the API server's strict field validation does.
 
-The CRDs (KServe, KEDA, Prometheus operator, Kubeflow Trainer) are read from ``$KSERVE_LLM_CRDS`` or ``../shared/schemas/crds``
-beside this source tree. The deploy step's dry run and the chart tests both validate through here.
+The CRDs (KServe, KEDA, Prometheus operator, Kubeflow Trainer) are read from ``$KSERVE_LLM_CRDS`` or the repository's
+own copy, ``schemas/crds/`` (its README names each file's source project and commit). The deploy step's dry run and the chart tests both validate through here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class SchemaError(ValueError):
 
 
 def crds_dir() -> Path:
-    return Path(os.environ.get("KSERVE_LLM_CRDS", REPO.parent / "shared" / "schemas" / "crds"))
+    return Path(os.environ.get("KSERVE_LLM_CRDS", REPO / "schemas" / "crds"))
 
 
 def strict(schema: dict | list) -> dict | list:

@@ -1,5 +1,5 @@
 """The Helm chart and the container image, validated offline: helm lint and template over a matrix of values,
-every rendered object against its real schema (KServe, KEDA CRDs from ../shared/schemas/crds; core kinds with
+every rendered object against its real schema (KServe, KEDA CRDs from the repository's schemas/crds; core kinds with
 kubernetes-validate) with unknown fields rejected, the template logic, and hadolint."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 
 def require_crds() -> None:
-    """CI must have ../shared/schemas/crds; elsewhere a missing folder skips the CRD checks."""
+    """The CRD schemas are in the repository (schemas/crds); only a KSERVE_LLM_CRDS pointing elsewhere can miss them."""
     if not CRDS.is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"{CRDS} is missing: CI must have the CRD schemas")
