@@ -38,6 +38,7 @@ import torch
 
 from predictor.cpu import cpu_info
 from predictor.launch import free_port, start_server
+from predictor.loading import resolve_dtype
 
 from . import model as bench_model
 from . import vllm_cpu
@@ -57,9 +58,8 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 
 def auto_dtype() -> str:
-    """The dtype the predictor's ``--dtype auto`` picks on this CPU (predictor.loading.resolve_dtype): bfloat16
-    where the CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16), float32 elsewhere."""
-    return "bfloat16" if cpu_info().native_bf16 and torch.backends.mkldnn.is_available() else "float32"
+    """The dtype the predictor's ``--dtype auto`` picks on this CPU: its own rule, ``predictor.loading.resolve_dtype``."""
+    return str(resolve_dtype("auto", torch.device("cpu"))[0]).removeprefix("torch.")
 
 
 def static_batch(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> dict:

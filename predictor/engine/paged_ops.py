@@ -142,11 +142,6 @@ def available() -> bool:
     return load() is not None
 
 
-def supports(query: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` takes tensors like ``query`` (CPU, float32 or bfloat16) and is available."""
-    return query.device.type == "cpu" and query.dtype in DTYPES and available()
-
-
 def decode_attention(
     query: torch.Tensor,
     key_pool: torch.Tensor,
