@@ -18,7 +18,7 @@ from tokenizers import AddedToken
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
 from pipelines.corpus import demo_corpus, split_documents
-from pipelines.train import train_tokenizer
+from pipelines.tokenizer import train_tokenizer
 from predictor.build_once import build_once, cache_root
 
 SEED = 0

@@ -1,5 +1,5 @@
 """The pipeline's steps as KFP v2 components. Each one only moves artifacts in and out of a plain function
-(``pipelines.dataset``, ``train``, ``optimize``, ``evaluate``, ``gate``, ``registry``, ``deploy``); the DAG is
+(``pipelines.dataset``, ``training``, ``optimize``, ``evaluate``, ``gate``, ``registry``, ``deploy``); the DAG is
 in ``pipelines.lifecycle``.
 
 Every component runs on the project's one image (``images/Dockerfile``; ``$KSERVE_LLM_IMAGE`` at compile
@@ -57,21 +57,21 @@ def train_model(
     ``train_backend`` "pod" trains in this step's pod; "trainjob" (or "auto" with ``train_nodes`` > 1) runs a
     Kubeflow Trainer TrainJob of ``train_nodes`` x ``train_gpus_per_node`` on ``trainjob_runtime`` and waits for it
     (``pipelines.trainjob``). With ``checkpoint_dir`` (a volume that outlives the pod), a retried task resumes
-    from its last checkpoint.
+    from its last checkpoint. Either way it trains through ``pipelines.training.run_training``, as ``python -m
+    pipelines train`` does.
     """
     import tempfile
     from pathlib import Path
 
     from pipelines.evaluate import png_html
-    from pipelines.train import TrainConfig, loss_chart, train_on_dataset
+    from pipelines.train import loss_chart
+    from pipelines.training import run_training, summary, use_trainjob
 
-    config = TrainConfig.from_dict(train_config)
-    if train_backend not in ("auto", "pod", "trainjob"):
-        raise ValueError(f"train_backend must be auto, pod or trainjob; got {train_backend!r}")
-    if train_backend == "trainjob" or (train_backend == "auto" and train_nodes > 1):
-        from pipelines.trainjob import TrainJobSettings, job_name, namespace_of_this_pod, train_with_trainjob
+    trainjob = None
+    if use_trainjob(train_backend, train_nodes):
+        from pipelines.trainjob import TrainJobSettings, job_name, namespace_of_this_pod
 
-        settings = TrainJobSettings(
+        trainjob = TrainJobSettings(
             name=job_name(run_id),
             namespace=namespace_of_this_pod(),
             image=train_image,
@@ -82,18 +82,20 @@ def train_model(
             workspace_path=workspace_path,
             hf_token_secret=hf_token_secret,
         )
-        report = train_with_trainjob(Path(dataset.path), Path(model.path), settings, run_id, train_config, base_model, timeout_s=train_timeout_s)
-    else:
-        checkpoint = Path(checkpoint_dir) / run_id / "train.pt" if checkpoint_dir else None
-        if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            config.checkpoint_every = config.checkpoint_every or 50
-        report = train_on_dataset(Path(dataset.path), Path(model.path), config, base_model or None, checkpoint)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)  # the model is saved: the checkpoint only served retries
-    for key in ("held_out_loss", "held_out_perplexity", "steps", "parameters", "trainable_parameters"):
-        metrics.log_metric(key, report[key])
-    metrics.log_metric("final_train_loss", report["train_loss"][-1])
+    checkpoint = Path(checkpoint_dir) / run_id / "train.pt" if checkpoint_dir and trainjob is None else None
+    report = run_training(
+        Path(dataset.path),
+        Path(model.path),
+        train_config,
+        base_model,
+        checkpoint,
+        keep_checkpoint=False,
+        trainjob=trainjob,
+        run_id=run_id,
+        timeout_s=train_timeout_s,
+    )
+    for key, value in summary(report).items():
+        metrics.log_metric(key, value)
     for step, loss in report["held_out_curve"]:
         metrics.log_metric(f"held_out_loss_step_{step}", loss)
     model.metadata.update(

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .corpus import split_documents
-from .train import EOS_TOKEN, tokenize, train_tokenizer
+from .tokenizer import EOS_TOKEN, tokenize, train_tokenizer
 
 MIN_HELD_OUT_TOKENS = 16
 

@@ -1,7 +1,11 @@
 """The demo model: a small GPT-2 trained by this project on the Python documentation, built once and cached.
 
-``python -m pipelines demo-model`` (and ``make serve``) builds it; the predictor falls back to it when
-``--model_dir`` does not exist. Tests build the much smaller ``TINY`` variant the same way, in seconds.
+``python -m pipelines demo-model`` (``make demo-model``) builds it; serve it with ``python -m predictor --model_dir DIR``.
+It is not what the predictor falls back to: with ``--model_dir`` left at its default (``/mnt/models``) and no such
+directory, the predictor serves the default model, SmolLM2-135M-Instruct (``predictor.default_model``, fetched and
+converted once; ``make serve`` prepares it).
+The demo model is the pipeline's from-scratch path (the shape ``python -m pipelines run --local`` trains) and one
+of the optimization benchmark's models. Tests build the much smaller ``TINY`` variant the same way, in seconds.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ def deploy(
     crds: Path | None = None,
     log=print,
 ) -> dict:
-    """Apply ``isvc`` (an InferenceService or LLMInferenceService) and wait until it is Ready; on timeout restore
-    the previous spec and raise :class:`DeployError`.
+    """Apply ``isvc`` (an InferenceService or LLMInferenceService) and wait until it is Ready; when it does not get
+    there (a timeout, an API error while waiting) restore the previous spec and raise :class:`DeployError`.
 
     The object is first validated against the KServe CRD schema where the CRD files are (``crds``, default
     ``$KSERVE_LLM_CRDS``). ``dry_run`` stops there and touches no cluster; without CRD files it asks the API
@@ -113,29 +113,50 @@ def deploy(
 
 
 def _apply_and_wait(isvc: dict, cluster: Cluster, timeout_s: float, poll_s: float, log) -> dict:
+    """Apply, then wait for Ready; any failure after the apply (not Ready in time, an API error while polling, an
+    interrupt) restores the previous spec, or deletes a service that did not exist, before it raises."""
     kind, name, namespace = isvc["kind"], isvc["metadata"]["name"], isvc["metadata"]["namespace"]
     previous = cluster.get(isvc)
     applied = cluster.apply(isvc)
     generation = applied.get("metadata", {}).get("generation", 0)
     action = "updated" if previous else "created"
     log(f"{action} {kind} {namespace}/{name} (generation {generation}); waiting up to {timeout_s:.0f} s for Ready")
-    deadline = time.monotonic() + timeout_s
-    current = applied
-    while True:
-        if is_ready(current) and current.get("metadata", {}).get("generation", 0) >= generation:
+    try:
+        current, ready = _wait_ready(isvc, cluster, applied, generation, timeout_s, poll_s)
+    except KubeError as exc:
+        failure = f"could not be watched until Ready ({exc})"
+    except BaseException:
+        log(f"{kind} {namespace}/{name}: interrupted while waiting for Ready; {_roll_back(isvc, previous, cluster)}")
+        raise
+    else:
+        if ready:
             url = current.get("status", {}).get("url", "")
             log(f"{kind} {namespace}/{name} is Ready: {url}")
             return {"action": action, "name": name, "namespace": namespace, "generation": generation, "url": url}
+        reason = condition(current, "Ready")
+        reason = f"{reason.get('reason', 'no Ready condition')}: {reason.get('message', '')}".rstrip(": ")
+        failure = f"was not Ready after {timeout_s:.0f} s ({reason})"
+    raise DeployError(f"{kind} {namespace}/{name} {failure}; {_roll_back(isvc, previous, cluster)}")
+
+
+def _wait_ready(isvc: dict, cluster: Cluster, current: dict, generation: int, timeout_s: float, poll_s: float) -> tuple[dict, bool]:
+    """Poll until the object is Ready at ``generation`` or later, or ``timeout_s`` passed: (the last object read, Ready)."""
+    deadline = time.monotonic() + timeout_s
+    while not (is_ready(current) and current.get("metadata", {}).get("generation", 0) >= generation):
         if time.monotonic() >= deadline:
-            break
+            return current, False
         time.sleep(poll_s)
         current = cluster.get(isvc)
-    ready = condition(current, "Ready")
-    reason = f"{ready.get('reason', 'no Ready condition')}: {ready.get('message', '')}".rstrip(": ")
-    if previous:
-        cluster.apply(applicable(previous))
-        rollback = f"rolled back to the previous spec (generation {previous['metadata'].get('generation')})"
-    else:
+    return current, True
+
+
+def _roll_back(isvc: dict, previous: dict, cluster: Cluster) -> str:
+    """Re-apply ``previous`` (or delete ``isvc`` when there was none); says what it did, or that it could not."""
+    try:
+        if previous:
+            cluster.apply(applicable(previous))
+            return f"rolled back to the previous spec (generation {previous['metadata'].get('generation')})"
         cluster.delete(isvc)
-        rollback = "deleted it (no previous version existed)"
-    raise DeployError(f"{kind} {namespace}/{name} was not Ready after {timeout_s:.0f} s ({reason}); {rollback}")
+        return "deleted it (no previous version existed)"
+    except KubeError as exc:
+        return f"the rollback failed too, so the new spec stays applied: {exc}"

@@ -19,9 +19,11 @@ import json
 import math
 import multiprocessing
 import resource
+import signal
 import statistics
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -170,13 +172,50 @@ def _child(model_dir: str, text: str, queue: multiprocessing.Queue) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def measure_in_fresh_process(model_dir: str, text: str) -> dict:
+def exit_reason(exitcode: int) -> str:
+    """How a child process ended, in words: ``signal 9 (killed, likely out of memory)``, ``exit code 3``."""
+    if exitcode < 0:
+        number = -exitcode
+        if number == signal.SIGKILL:
+            return f"signal {number} (killed, likely out of memory)"
+        try:
+            return f"signal {number} ({signal.Signals(number).name})"
+        except ValueError:
+            return f"signal {number}"
+    if exitcode == 128 + signal.SIGKILL:  # a shell's or a container runtime's way to report SIGKILL
+        return f"exit code {exitcode} (128 + signal 9: killed, likely out of memory)"
+    return f"exit code {exitcode}"
+
+
+def measure_in_fresh_process(model_dir: str, text: str, poll_s: float = 1.0) -> dict:
+    """``measure`` in a spawned process. The result is waited for ``poll_s`` at a time while the child lives: a child
+    that dies without one (the kernel's OOM killer sends SIGKILL, which nothing in the child can catch) raises
+    ``RuntimeError`` saying how it ended, instead of leaving the step waiting forever."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     process = ctx.Process(target=_child, args=(model_dir, text, queue))
     process.start()
-    result = queue.get()
-    process.join()
+    try:
+        while True:
+            alive = process.is_alive()  # looked at first: what a child put before it exited is in the pipe for this get
+            try:
+                result = queue.get(timeout=poll_s)
+                break
+            except Empty:
+                if not alive:
+                    process.join()
+                    raise RuntimeError(
+                        f"evaluating {model_dir}: evaluation child exited with {exit_reason(process.exitcode)} before reporting a result"
+                    ) from None
+    except BaseException:  # it died, or this process was interrupted: nothing to wait for
+        process.kill()
+        raise
+    finally:
+        process.join(timeout=60)
+        if process.is_alive():  # it reported and hangs on its way out
+            process.kill()
+            process.join()
+        queue.close()
     if "error" in result:
         raise RuntimeError(f"evaluating {model_dir}: {result['error']}")
     return result

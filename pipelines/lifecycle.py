@@ -6,6 +6,8 @@ Only the wiring and the cluster settings live here; every step is a component of
     python -m pipelines run --local        # the whole run on this machine (kfp.local, no cluster)
 """
 
+import re
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from kfp import dsl, kubernetes
@@ -186,10 +188,14 @@ def local_arguments(output_dir, tiny: bool = False, **overrides) -> dict:
 def run_local(output_dir, tiny: bool = False, **overrides) -> dict:
     """Run the whole pipeline here with ``kfp.local`` (subprocesses in this Python environment).
 
-    Returns ``{"ok", "error", "pipeline_root", "report", "registered"}``; ``registered`` is the version the
-    alias points at in the local MLflow store (``None`` when the gate stopped the run).
+    Returns ``{"ok", "error", "tasks", "pipeline_root", "report", "registered", "seconds", "summary"}`` and writes it
+    to ``summary``, ``OUTPUT/run.json``. ``tasks`` is ``[task, state]`` for every task kfp.local ran, in the order they
+    ended, with kfp's own final state of each (``SUCCESS`` or ``FAILURE``, retries and cache hits included): a task
+    skipped (its condition false, or after an upstream failure) is not there. ``registered`` is the version the alias
+    points at in the local MLflow store (``None`` when the gate stopped the run).
     """
     import builtins
+    import json
     import time
     import warnings
     from pathlib import Path
@@ -203,28 +209,62 @@ def run_local(output_dir, tiny: bool = False, **overrides) -> dict:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     started = time.time()
     error = None
+    tasks: list[list[str]] = []
     # kfp.local indents print() while a task runs by swapping builtins.print; tasks of a ParallelFor run in
     # threads and can restore each other's swap, leaving print indented after the run: put it back.
     real_print = builtins.print
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), task_states(tasks):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")  # display names, GPU, retries
         try:
             llm_lifecycle(**arguments)
-        except RuntimeError as exc:
-            error = str(exc)
+        except RuntimeError as exc:  # kfp.local with raise_on_error: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+            error = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # without kfp's terminal colours
         finally:
             builtins.print = real_print
     reports = [p for p in root.rglob("report") if p.parent.name.startswith("evaluate-models") and p.stat().st_mtime >= started]
     reports.sort(key=lambda p: p.stat().st_mtime)
-    return {
+    result = {
         "ok": error is None,
         "error": error,
+        "tasks": tasks,
         "pipeline_root": str(root),
         "report": str(reports[-1]) if reports else None,
         "registered": _registered(arguments),
         "seconds": round(time.time() - started, 1),
+        "summary": str(out / "run.json"),
     }
+    (out / "run.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+@contextmanager
+def task_states(tasks: list):
+    """Appends ``[task, state]`` to ``tasks`` as each task of a kfp.local run ends, with kfp's own state (the
+    ``kfp.local.status.Status`` its task executor returns, after retries and cache), rather than from its coloured log.
+
+    kfp.local's orchestrators run every container task through ``kfp.local.orchestrator.task_executor.
+    execute_single_task``, which is wrapped for the duration (read in kfp 2.17.3; the project pins kfp >=2.17.3,<3).
+    """
+    from kfp.local.orchestrator import task_executor
+
+    real = task_executor.execute_single_task
+
+    def recorded(*args, **kwargs):
+        name = kwargs.get("task_name", args[0] if args else "?")
+        try:
+            outputs, state = real(*args, **kwargs)
+        except BaseException:
+            tasks.append([name, "FAILURE"])
+            raise
+        tasks.append([name, state.name])
+        return outputs, state
+
+    task_executor.execute_single_task = recorded
+    try:
+        yield tasks
+    finally:
+        task_executor.execute_single_task = real
 
 
 def _registered(arguments: dict) -> dict | None:

@@ -1,7 +1,9 @@
-"""Train a byte-level BPE tokenizer and a GPT-2-architecture causal LM from scratch, or fine-tune one.
+"""Train a GPT-2-architecture causal LM from scratch (with its byte-level BPE tokenizer, ``pipelines.tokenizer``),
+or fine-tune one.
 
-The demo model and the pipeline's train step both come from here. Training is deterministic for a given
-seed and thread count; checkpoints are written atomically so a killed run resumes where it left off.
+The demo model and the pipeline's train step both come from here (the step's callers go through
+``pipelines.training.run_training``). Training is deterministic for a given seed and thread count;
+checkpoints are written atomically so a killed run resumes where it left off.
 Fine-tuning a model directory uses LoRA (``peft``) on the decoder layers' projections by default, merged
 into the weights before saving, so the result is a plain transformers model of the base's architecture.
 
@@ -20,18 +22,20 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
 from . import distributed
+from .dataset import load
+from .tokenizer import tokenize, train_tokenizer
 
-EOS_TOKEN = "<|endoftext|>"
 FINETUNE_METHODS = ("lora", "full")
 # Settings that only apply to fine-tuning a base model: they do not change a model trained from scratch.
 FINETUNE_FIELDS = ("finetune", "lora_rank", "lora_alpha", "lora_dropout")
+# Steps between checkpoints of a run that keeps one and whose config does not say (``resolve_config``).
+CHECKPOINT_EVERY = 50
 
 
 @dataclass
@@ -85,23 +89,13 @@ class TrainConfig:
         return cls(**{k: types[k](v) for k, v in values.items()})
 
 
-def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2's scheme) trained on ``text``, with ``<|endoftext|>`` as BOS/EOS."""
-    bpe = ByteLevelBPETokenizer()
-    chunks = [text[i : i + 10_000] for i in range(0, len(text), 10_000)]
-    bpe.train_from_iterator(chunks, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        model_max_length=1 << 30,
-    )
-
-
-def tokenize(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as one long int64 tensor (no special tokens)."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+def resolve_config(train_config: dict, checkpointed: bool = False) -> TrainConfig:
+    """The train step's config from ``train_config`` (a pipeline parameter, ``--train-config``). A run that keeps a
+    checkpoint (``checkpointed``) writes it every ``checkpoint_every`` steps, ``CHECKPOINT_EVERY`` when that is 0 (the default)."""
+    config = TrainConfig.from_dict(train_config)
+    if checkpointed and not config.checkpoint_every:
+        config.checkpoint_every = CHECKPOINT_EVERY
+    return config
 
 
 def batches(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -316,8 +310,6 @@ def train_on_dataset(
     returns the report, the other ranks return their partial result (no held-out loss) once it is saved.
     """
     from predictor.loading import load_model
-
-    from .dataset import load
 
     tokenizer, train_ids, held_out_ids = load(dataset_dir)
     with distributed.process_group():  # under torchrun: every rank runs this, rank 0 saves

@@ -3,7 +3,8 @@
 The step stages the prepared dataset on the workspace volume (a ReadWriteMany PVC every node mounts), creates a
 TrainJob on a torch runtime (``torch-distributed`` by default) that runs ``torchrun -m pipelines train`` in the
 project's image on ``num_nodes`` nodes, waits for it, and copies the model it wrote on the volume into the step's
-output artifact for the next steps.
+output artifact for the next steps. ``pipelines.training.run_training`` calls this for a TrainJob, and in every
+trainer pod the command calls ``run_training`` again, to train there.
 
     job = render_trainjob(TrainJobSettings(name="llm-train", namespace="ml", num_nodes=4), "/workspace/runs/r1")
     run_trainjob(job, Cluster(), timeout_s=86_400)        # create (or adopt on retry), wait, surface failure
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from .distributed import rows_per_rank
 from .kube import Cluster, KubeError, condition
-from .train import TrainConfig
+from .train import resolve_config
 
 API_VERSION, KIND = "trainer.kubeflow.org/v1alpha1", "TrainJob"
 # The stock torch runtime's one replicated job and its container are both called "node".
@@ -105,9 +106,9 @@ def render_trainjob(settings: TrainJobSettings, stage: str, train_config: dict |
         raise ValueError(f"stage {stage} is not on the workspace volume ({settings.workspace_path}): the trainer pods could not read it")
     if base_model and not base_model.startswith(volume):
         raise ValueError(f"base_model {base_model} is not on the workspace volume ({settings.workspace_path}): the trainer pods could not read it")
-    config = TrainConfig.from_dict({"checkpoint_every": 50, **(train_config or {})})
+    config = resolve_config(train_config or {}, checkpointed=True)  # what the pods' run_training resolves it to
     rows_per_rank(config.batch_size, settings.world_size)  # refused here, not after the nodes were scheduled
-    cmd, args = command(stage, {"checkpoint_every": 50, **(train_config or {})}, base_model)
+    cmd, args = command(stage, {**(train_config or {}), "checkpoint_every": config.checkpoint_every}, base_model)
     resources: dict = {"cpu": settings.cpu_per_node, "memory": settings.memory_per_node}
     if settings.gpus_per_node:
         resources[settings.gpu_resource] = str(settings.gpus_per_node)

@@ -8,10 +8,13 @@ import json
 import zipfile
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
+import torch
 from conftest import start_server, stop_server
 from test_gguf import write_gguf
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from predictor import default_model
 from predictor.protocols.schema import SamplingFields
@@ -61,9 +64,19 @@ def test_default_model_is_fetched_converted_and_served_without_model_dir(local_i
         log = server.read_log()
         assert "serving the default model" in log
         assert "sampling defaults from generation_config.json" in log and "'temperature': 0.2" in log
+        messages = [{"role": "user", "content": "Hi"}]
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        answer = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
-        assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+        answer = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=5, temperature=0)
+        # The converted model's own greedy answer to the prompt the server rendered (its chat template), from transformers.
+        prompt = httpx.post(f"{server.url}/tokenize", json={"model": "smollm2", "messages": messages}, timeout=30).json()["tokens"]
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.no_grad():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            new = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)[0, len(prompt) :].tolist()
+        finish = "stop" if new[-1] == tokenizer.eos_token_id else "length"
+        choice = answer.choices[0]
+        assert (choice.message.content, choice.finish_reason) == (tokenizer.decode(new, skip_special_tokens=True), finish)
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), len(new))
     finally:
         stop_server(server)
 

@@ -304,6 +304,72 @@ def test_bad_input_is_refused_and_leaves_nothing_behind(tiny_model_dir, tmp_path
     assert result.returncode == 2 and "not found" in result.stderr
 
 
+def test_an_option_the_method_does_not_take_is_refused_by_name_before_anything_runs(tiny_model_dir, tmp_path):
+    with pytest.raises(OptimizationError, match=r"method 'int8' does not take option 'mlp_keep' \(its options: none\)"):
+        optimize("int8", tiny_model_dir, tmp_path / "a", mlp_keep=0.5)
+    with pytest.raises(OptimizationError, match=r"method 'prune' does not take options 'steps', 'quantize' \(its options: mlp_keep, drop_layers, "):
+        optimize("prune", tiny_model_dir, tmp_path / "b", mlp_keep=0.5, steps=3, quantize=True)
+    with pytest.raises(OptimizationError, match="method 'onnx-int8' does not take option 'quantize'"):  # the method's name fixes it
+        optimize("onnx-int8", tiny_model_dir, tmp_path / "c", quantize=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_type_error_inside_a_method_is_not_taken_for_a_bad_option(tiny_model_dir, tmp_path, monkeypatch):
+    """A library's TypeError (here one that even says "unexpected keyword argument") is a bug to see, not a user error."""
+    from pipelines.optimize import quantize
+
+    def broken(loaded, output_dir):
+        raise TypeError("Linear.__init__() got an unexpected keyword argument 'dtype'")
+
+    monkeypatch.setattr(quantize, "int8", broken)
+    with pytest.raises(TypeError, match="Linear.__init__"):
+        optimize("int8", tiny_model_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone all the same
+
+
+def test_an_evaluation_child_killed_for_memory_fails_the_step_at_once_naming_the_signal(tiny_model_dir, tmp_path):
+    """The kernel's OOM killer sends SIGKILL: the child cannot report anything. Killed here the same way while it
+    loads the model, evaluate must raise promptly (the step used to wait on the queue forever)."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    (tmp_path / "held_out.txt").write_text("The for statement is used to iterate over the elements of a sequence, such as a string or a list.")
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = evaluate([str(tiny_model_dir)], tmp_path / "held_out.txt", tmp_path / "report", progress=False)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (child,) = multiprocessing.active_children()
+    os.kill(child.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "evaluate still waits for a child that was killed"
+    assert time.monotonic() - killed < 10
+    assert isinstance(outcome.get("error"), RuntimeError), outcome
+    assert "evaluation child exited with signal 9 (killed, likely out of memory)" in str(outcome["error"])
+    assert str(tiny_model_dir) in str(outcome["error"]) and not (tmp_path / "report").exists()
+
+
+def test_exit_reasons_name_the_signal_or_the_code():
+    from pipelines.evaluate import exit_reason
+
+    assert exit_reason(-9) == "signal 9 (killed, likely out of memory)"
+    assert exit_reason(-11) == "signal 11 (SIGSEGV)"
+    assert exit_reason(137) == "exit code 137 (128 + signal 9: killed, likely out of memory)"
+    assert exit_reason(1) == "exit code 1"
+
+
 def test_cast_to_bfloat16_halves_the_weights_and_is_served(tiny_model_dir, tmp_path):
     report = optimize("cast", tiny_model_dir, tmp_path / "bf16", dtype="bfloat16")
     assert report["all_parameters"] and report["weight_bytes_after"] * 2 == report["weight_bytes_before"]

@@ -5,6 +5,8 @@ whole local runs with kfp.local that register into a real MLflow store (SQLite).
 from __future__ import annotations
 
 import copy
+import json
+import re
 import subprocess
 import sys
 
@@ -181,6 +183,50 @@ def test_deploy_with_fake_api_server_deletes_a_new_service_that_never_gets_ready
     assert fake_kube.objects == {}
 
 
+class FailingPolls(FakeKubeAPI):
+    """The FAKE API server, answering 503 to every GET once ``good_gets`` GETs were answered: the API server going
+    away while the deploy step polls for Ready."""
+
+    def __init__(self) -> None:
+        self.good_gets, self.gets = 10**9, 0
+        super().__init__()
+
+    def _handler(self):
+        fake, base = self, super()._handler()
+
+        class Handler(base):
+            def do_GET(self) -> None:
+                fake.gets += 1
+                if fake.gets <= fake.good_gets:
+                    return super().do_GET()
+                self._record("get")
+                self._reply(503, {"kind": "Status", "status": "Failure", "code": 503, "message": "etcdserver: leader changed"})
+
+        return Handler
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_an_api_error_while_polling_for_ready_still_rolls_back(tmp_path, existed):
+    require_crds()
+    with FailingPolls() as fake:
+        cluster = Cluster(kubeconfig=str(fake.kubeconfig(tmp_path / "kubeconfig")))
+        if existed:
+            deploy(_isvc("s3://models/llm/1"), cluster=cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
+        good_spec = copy.deepcopy(fake.objects.get(("inferenceservices", "ml", "llm"), {}).get("spec"))
+        fake.ready = "never"
+        fake.good_gets = fake.gets + 1  # the step's read of the previous version is answered; every poll after the apply fails
+        with pytest.raises(DeployError) as error:
+            deploy(_isvc("s3://models/llm/broken"), cluster=cluster, poll_s=0.05, timeout_s=30, crds=CRDS, log=lambda *_: None)
+        verbs = [r["verb"] for r in fake.requests]
+        if existed:  # the previous spec is applied again
+            assert verbs[-3:] == ["patch", "get", "patch"] and fake.requests[-1]["body"]["spec"] == good_spec
+            assert fake.objects[("inferenceservices", "ml", "llm")]["spec"] == good_spec
+        else:  # the service that did not exist is deleted
+            assert verbs[-3:] == ["create", "get", "delete"] and fake.objects == {}
+        rollback = r"rolled back to the previous spec \(generation 1\)" if existed else r"deleted it \(no previous version existed\)"
+        assert re.search(r"ml/llm could not be watched until Ready \(GET .*HTTP 503.*leader changed\); " + rollback, str(error.value)), error.value
+
+
 def test_deploy_uses_exactly_the_verbs_the_rbac_role_grants(fake_kube):
     require_crds()
     deploy(_isvc("s3://m/1"), cluster=fake_kube.cluster, poll_s=0.05, timeout_s=5, crds=CRDS, log=lambda *_: None)
@@ -304,9 +350,10 @@ def test_local_run_fine_tunes_with_lora_optimizes_evaluates_registers_and_dry_ru
 
     out, result, base_model = local_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for task in ("prepare-data", "train-model", "optimize-model", "evaluate-models", "register-model", "deploy-model"):
-        assert f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in result.stderr + result.stdout, task
-    assert "gate-failed" not in result.stderr + result.stdout
+    run = json.loads((out / "run.json").read_text())  # with kfp.local's own final state of every task it ran
+    assert run["ok"] and run["error"] is None
+    done = ["prepare-data", "train-model", "optimize-model", "optimize-model", "evaluate-models", "register-model", "deploy-model"]
+    assert sorted(map(tuple, run["tasks"])) == sorted((task, "SUCCESS") for task in done)  # int8 and bf16; no gate-failed
     report = next(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("evaluation report:"))
     table = open(report).read()
     for name in ("unoptimized", "int8", "bf16"):  # a base model gets the methods that work on every family
@@ -339,8 +386,10 @@ def test_local_run_with_thresholds_nothing_passes_fails_at_the_gate_and_register
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "quality gate: no variant passed the gate (unoptimized: speedup 1.00× < 1000.00×" in output
-    assert "Task \x1b[96m'gate-failed'\x1b[0m finished with status \x1b[91mFAILURE" in output
-    assert "'register-model'" not in output and "'deploy-model'" not in output
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert not run["ok"] and "Inner task failed: 'gate-failed'" in run["error"]
+    done = ["prepare-data", "train-model", "optimize-model", "optimize-model", "evaluate-models"]  # --tiny: int8 and distilled-half
+    assert sorted(map(tuple, run["tasks"])) == sorted([*((task, "SUCCESS") for task in done), ("gate-failed", "FAILURE")])  # no register, deploy
     _no_registration(tmp_path)
 
 
@@ -353,8 +402,8 @@ def test_local_run_with_a_bad_corpus_fails_in_prepare_data_with_the_reason(tmp_p
         (path / "a.txt").write_text("  \n")
     result = cli("run", "--local", "--tiny", "--output", str(tmp_path / "run"), "--corpus", str(path), timeout=300)
     output = result.stdout + result.stderr
-    assert result.returncode == 1
-    assert message in output and "Task \x1b[96m'prepare-data'\x1b[0m finished with status \x1b[91mFAILURE" in output
+    assert result.returncode == 1 and message in output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["tasks"] == [["prepare-data", "FAILURE"]]  # and nothing after it
     _no_registration(tmp_path / "run")
 
 
@@ -363,8 +412,10 @@ def test_unreachable_registry_fails_the_register_step_and_leaves_nothing(tmp_pat
     from pipelines.lifecycle import run_local
 
     result = run_local(tmp_path, tiny=True, registry_uri="http://127.0.0.1:9", methods=[{"name": "int8", "method": "int8"}])
-    assert not result["ok"] and "'register-model'" in result["error"]
-    assert result["registered"] is None
+    assert not result["ok"] and "Inner task failed: 'register-model'" in result["error"]
+    done = ["prepare-data", "train-model", "optimize-model", "evaluate-models"]
+    assert result["tasks"] == [*([task, "SUCCESS"] for task in done), ["register-model", "FAILURE"]]  # deploy-model never ran
+    assert result["registered"] is None and json.loads((tmp_path / "run.json").read_text()) == result
 
 
 def test_registry_failure_midway_leaves_no_partial_registration(tmp_path, tiny_model_dir):

@@ -3,7 +3,7 @@
 The served model is a tiny random-weight Llama with the demo tokenizer and a Hermes-style chat template
 (Qwen 2.5's shape) that renders ``tools``. It never calls a tool by itself, so ``required`` and a named
 function (constrained decoding) prove the calls' shape and arguments; ``auto`` is proven on text by the
-parser tests and end to end by a well-shaped answer.
+parser tests and end to end by the model's own greedy answer (computed with transformers) coming back as content.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def test_template_without_tools_gets_the_fallback_system_message():
 
 
 @pytest.fixture(scope="module")
-def tool_server(tiny_model_dir: Path, tmp_path_factory):
+def tool_model(tiny_model_dir: Path, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tool-model")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = HERMES_TEMPLATE
@@ -186,7 +186,12 @@ def tool_server(tiny_model_dir: Path, tmp_path_factory):
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
-    srv = start_server(path, tmp_path_factory.mktemp("tool-server"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model: Path, tmp_path_factory):
+    srv = start_server(tool_model, tmp_path_factory.mktemp("tool-server"))
     yield srv
     stop_server(srv)
 
@@ -262,18 +267,24 @@ def test_named_tool_choice(client):
     assert calls[0].function.arguments == choice.message.tool_calls[0].function.arguments  # same seed, same call
 
 
-def test_auto_tool_choice_answers_well_shaped(client):
+def test_auto_tool_choice_answers_with_the_models_own_greedy_text(tool_model, tool_server, client):
+    """Under ``auto`` the model chooses; this one never calls a tool by itself, so the one right answer is its greedy
+    text for the rendered prompt, computed here with transformers: as content, no tool calls, streamed or not."""
+    ids = httpx.post(f"{tool_server.url}/tokenize", json={"messages": MESSAGES, "tools": TOOLS}, timeout=30).json()["tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(tool_model)
+    with torch.no_grad():
+        model = LlamaForCausalLM.from_pretrained(tool_model).eval()
+        new = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.eos_token_id)[0, len(ids) :].tolist()
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    assert expected.strip() and "<tool_call>" not in expected, expected  # the premise: a plain answer
+    finish = "stop" if new[-1] == tokenizer.eos_token_id else "length"
+
     kw = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=30, temperature=0)
     choice = client.chat.completions.create(**kw).choices[0]
-    if choice.message.tool_calls:
-        assert choice.finish_reason == "tool_calls"
-        check_calls(choice.message.tool_calls)
-    else:
-        assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
-    content, calls, finish = stream_calls(client.chat.completions.create(**kw, stream=True))
-    assert finish == choice.finish_reason and [c.function.name for c in calls] == [c.function.name for c in choice.message.tool_calls or []]
-    if not calls:
-        assert content == choice.message.content
+    assert choice.message.tool_calls is None
+    assert (choice.message.content, choice.finish_reason) == (expected, finish)
+    content, calls, streamed_finish = stream_calls(client.chat.completions.create(**kw, stream=True))
+    assert (content, calls, streamed_finish) == (expected, [], finish)
 
 
 def test_conversation_with_a_tool_result_continues(tool_server, client):

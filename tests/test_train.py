@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipelines.corpus import demo_corpus, load_corpus
 from pipelines.dataset import load, prepare
-from pipelines.train import TrainConfig, held_out_loss, lora_targets, train_on_dataset, with_lora
+from pipelines.train import CHECKPOINT_EVERY, TrainConfig, held_out_loss, lora_targets, resolve_config, train_on_dataset, with_lora
+from pipelines.training import TrainingInputError, run_training, summary, use_trainjob
 
 SMALL = dict(n_layer=1, n_embd=32, n_head=2, n_positions=32, seq_len=32, batch_size=2, steps=10, lr=5e-3, warmup_steps=2, eval_every=5)
 
@@ -53,6 +54,51 @@ def test_train_config_from_a_pipeline_parameter_casts_numbers_and_refuses_unknow
     assert (lora.lora_rank, lora.lora_alpha) == (4, 8.0) and isinstance(lora.lora_rank, int)
     with pytest.raises(ValueError, match="finetune must be one of lora, full"):
         TrainConfig.from_dict({"finetune": "qlora"})
+
+
+def test_a_run_that_keeps_a_checkpoint_writes_it_every_50_steps_unless_told():
+    assert resolve_config({"steps": 5}).checkpoint_every == 0
+    assert resolve_config({"steps": 5}, checkpointed=True).checkpoint_every == CHECKPOINT_EVERY == 50
+    assert resolve_config({"checkpoint_every": 7}, checkpointed=True).checkpoint_every == 7
+    with pytest.raises(ValueError, match="unknown keys"):
+        resolve_config({"step": 5}, checkpointed=True)
+
+
+def test_run_training_writes_the_model_whole_and_keeps_or_removes_its_checkpoint(dataset, tmp_path):
+    """What the CLI (``train``) and the pipeline's component both call: a stale ``.partial`` (a run killed while
+    saving) is replaced, an empty output directory is taken, and the component's ``keep_checkpoint=False`` removes
+    the checkpoint once the model is saved."""
+    out, _ = dataset
+    config = dict(SMALL, checkpoint_every=4)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept.partial").mkdir()
+    (tmp_path / "kept.partial" / "model.safetensors").write_text("half written")
+    kept = run_training(out, tmp_path / "kept", config, checkpoint=tmp_path / "ckpt" / "kept.pt", progress=False)
+    assert torch.load(tmp_path / "ckpt" / "kept.pt", weights_only=True)["step"] == 8
+    removed = run_training(out, tmp_path / "removed", config, checkpoint=tmp_path / "ckpt" / "removed.pt", keep_checkpoint=False, progress=False)
+    assert not (tmp_path / "ckpt" / "removed.pt").exists()
+    assert removed["train_loss"] == kept["train_loss"] and summary(removed) == {
+        **{key: kept[key] for key in ("steps", "held_out_loss", "held_out_perplexity", "parameters", "trainable_parameters")},
+        "final_train_loss": kept["train_loss"][-1],
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "kept", "removed"]
+    assert json.loads((tmp_path / "kept" / "training.json").read_text())["steps"] == 10
+    for args, argument in (
+        ((tmp_path / "nope", tmp_path / "x", config), "dataset"),
+        ((out, tmp_path / "kept", config), "output"),
+        ((out, tmp_path / "x", config, None, tmp_path / "ckpt"), "checkpoint"),
+        ((out, tmp_path / "x", config, str(tmp_path / "no-model")), "base_model"),
+    ):
+        with pytest.raises(TrainingInputError) as error:
+            run_training(*args, progress=False)
+        assert error.value.argument == argument
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_the_train_backend_parameter():
+    assert [use_trainjob(backend, nodes) for backend, nodes in (("auto", 1), ("auto", 2), ("pod", 4), ("trainjob", 1))] == [False, True, False, True]
+    with pytest.raises(ValueError, match="train_backend must be auto, pod or trainjob; got 'k8s'"):
+        use_trainjob("k8s", 1)
 
 
 def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(dataset, tmp_path, monkeypatch):

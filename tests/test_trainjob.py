@@ -61,7 +61,8 @@ def test_render_trainjob_cli_prints_a_valid_trainjob_and_names_bad_settings(caps
     assert main([*args, "--train-config", '{"steps": 100}', "--validate"]) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == 2
-    assert json.loads(job["spec"]["trainer"]["args"][job["spec"]["trainer"]["args"].index("--train-config") + 1])["steps"] == 100
+    train_config = json.loads(job["spec"]["trainer"]["args"][job["spec"]["trainer"]["args"].index("--train-config") + 1])
+    assert train_config == {"steps": 100, "checkpoint_every": 50}  # as the pods' run_training resolves it: a checkpoint every 50 steps
     for bad, message in (([*args[:-2], "--stage", "/elsewhere/x"], "not on the workspace volume"), ([*args, "--train-config", '{"stepz": 1}'], "stepz")):
         with pytest.raises(SystemExit) as exit_:
             main(bad)

@@ -1,12 +1,13 @@
 """Model optimization: each method turns a model directory into a new one plus ``optimization.json``.
 
-``optimize(method, input_dir, output_dir, **options)`` validates the input, runs the method into a
-temporary directory next to the output and renames it into place only when it succeeded, so a failure
-never leaves a half-written output directory.
+``optimize(method, input_dir, output_dir, **options)`` checks the options against the method's parameters,
+validates the input, runs the method into a temporary directory next to the output and renames it into place
+only when it succeeded, so a failure never leaves a half-written output directory.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import tempfile
@@ -39,33 +40,53 @@ def copy_tokenizer(loaded: LoadedModel, output_dir: Path) -> None:
         shutil.copy(generation, output_dir / generation.name)
 
 
-def _method(name: str) -> Callable[..., dict]:
+def _method(name: str) -> tuple[Callable[..., dict], dict]:
+    """The function of method ``name`` and the options the method's name fixes (the ONNX export's ``quantize``)."""
     if name == "int8":
         from .quantize import int8
 
-        return int8
+        return int8, {}
     if name == "prune":
         from .prune import prune
 
-        return prune
+        return prune, {}
     if name == "distill":
         from .distill import distill
 
-        return distill
+        return distill, {}
     if name == "cast":
         from .cast import cast
 
-        return cast
+        return cast, {}
     if name in ("onnx", "onnx-int8"):
         from .onnx_export import export
 
-        return lambda loaded, out, **kw: export(loaded, out, quantize=name == "onnx-int8", **kw)
+        return export, {"quantize": name == "onnx-int8"}
     raise OptimizationError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+
+
+def options_of(run: Callable[..., dict], fixed: dict) -> list[str]:
+    """The options a method's function takes by name: its parameters after (loaded model, output directory), less ``fixed``."""
+    parameters = list(inspect.signature(run).parameters.values())[2:]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in named and p.name not in fixed]
+
+
+def check_options(method: str, run: Callable[..., dict], fixed: dict, options: dict) -> None:
+    """Refuse, naming them and the method, the options ``method`` does not take: checked before it runs, so that a
+    ``TypeError`` from inside the method (a bug, ours or a library's) is never mistaken for the user's typo."""
+    known = options_of(run, fixed)
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        names = ", ".join(repr(key) for key in unknown)
+        takes = ", ".join(known) or "none"
+        raise OptimizationError(f"method {method!r} does not take option{'s' if len(unknown) > 1 else ''} {names} (its options: {takes})")
 
 
 def optimize(method: str, input_dir: str | Path, output_dir: str | Path, overwrite: bool = False, **options) -> dict:
     """Run ``method`` on the model in ``input_dir``; write the result and its report to ``output_dir``."""
-    run = _method(method)
+    run, fixed = _method(method)
+    check_options(method, run, fixed, options)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise OptimizationError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
@@ -76,12 +97,7 @@ def optimize(method: str, input_dir: str | Path, output_dir: str | Path, overwri
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         started = time.monotonic()
-        try:
-            report = run(loaded, tmp, **options)
-        except TypeError as exc:
-            if "unexpected keyword argument" not in str(exc):
-                raise
-            raise OptimizationError(f"method {method!r} does not take option {str(exc).split('argument')[-1].strip()}") from None
+        report = run(loaded, tmp, **fixed, **options)
         report = {"method": method, "input": str(input_dir), "seconds": round(time.monotonic() - started, 2), **report}
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
         if output_dir.exists():

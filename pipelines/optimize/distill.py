@@ -21,7 +21,8 @@ from transformers import PreTrainedModel
 from predictor.loading import LoadedModel, ModelLoadError, load_model
 
 from ..corpus import demo_corpus, read_corpus, split_documents
-from ..train import batches, held_out_loss, optimizer_step, tokenize
+from ..tokenizer import tokenize
+from ..train import batches, held_out_loss, optimizer_step
 from . import OptimizationError, copy_tokenizer
 from .decoder import keep_layers
 

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from predictor.loading import LoadedModel
 
 from ..corpus import demo_corpus, read_corpus, split_documents
-from ..train import tokenize
+from ..tokenizer import tokenize
 from . import OptimizationError, copy_tokenizer
 from .decoder import Family, decoder_layers, family, head_counts, intermediate_size, keep_layers, rebuild
 
