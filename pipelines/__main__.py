@@ -64,6 +64,7 @@ def optimize(args: argparse.Namespace) -> int:
             student_layers=args.student_layers, student=args.student, steps=args.steps, temperature=args.temperature, alpha=args.alpha, text=args.text
         ),
         "cast": dict(dtype=args.dtype),
+        "int8": dict(text=args.text),
     }.get(args.method, {})
     try:
         report = run(args.method, args.input, args.output, overwrite=args.overwrite, **options)
@@ -236,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dtype", default="bfloat16", help="cast: bfloat16 or float16 weights (for GPUs).")
 
     ev = command("evaluate", evaluate, "Measure models on held-out text: report.json, report.md, report.png.")
-    ev.add_argument("--model", action="append", required=True, help="Model directory (repeat; the first is the baseline).")
+    ev.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="Model directory, or DIR@bfloat16 to run it in bfloat16 (default float32); repeat: the first is the baseline.",
+    )
     ev.add_argument("--text", required=True, help="Held-out text file.")
     ev.add_argument("--output", required=True, help="Report directory.")
 

@@ -122,13 +122,26 @@ def time_to_first_token(runner, prompt: list[int]) -> float:
     return statistics.median(samples)
 
 
-def measure(model_dir: str, text: str) -> dict:
-    """All metrics of one model (run this in a fresh process for an honest peak RSS)."""
+DTYPE_SUFFIXES = ("float32", "bfloat16")
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``DIR`` or ``DIR@DTYPE`` (float32 or bfloat16: the dtype the model runs in, default float32) → (DIR, DTYPE);
+    so one model can be compared with itself in another dtype (``--model M --model M@bfloat16``)."""
+    base, sep, dtype = spec.rpartition("@")
+    if sep and dtype in DTYPE_SUFFIXES:
+        return base, dtype
+    return spec, "float32"
+
+
+def measure(model_spec: str, text: str) -> dict:
+    """All metrics of one model, ``DIR`` or ``DIR@DTYPE`` (run this in a fresh process for an honest peak RSS)."""
     from predictor.engine.kv_cache import BLOCK_SIZE
     from predictor.engine.runner import KVPlan, make_runner
     from predictor.loading import load_model
 
-    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    model_dir, dtype = split_spec(model_spec)
+    loaded = load_model(model_dir, dtype=dtype, device="cpu")
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     parameters = count_parameters(loaded.model)  # before the runner repacks the weights
     context = min(loaded.max_model_len, MAX_CONTEXT)
@@ -285,7 +298,7 @@ def evaluate(models: list[str], text_file: str | Path, output_dir: str | Path, p
     if len(text.split()) < 8:
         raise ValueError(f"{text_path} is too short to evaluate on")
     for model in models:
-        if not (Path(model) / "config.json").is_file():
+        if not (Path(split_spec(model)[0]) / "config.json").is_file():
             raise FileNotFoundError(f"not a model directory: {model}")
     names = names or [Path(m).name for m in models]
     if len(names) != len(models):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +100,11 @@ def saved_dtype(model_dir: Path) -> str | None:
 
 
 def check_weights(model_dir: Path, allow_pickle: bool) -> None:
-    """Refuse a directory without weights, or with only pickle weights unless ``allow_pickle``."""
+    """Refuse a directory without weights, or with only pickle weights unless ``allow_pickle``, or one whose files
+    the loader opens this user cannot read (``check_readable``)."""
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
+    check_readable(model_dir, allow_pickle)
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     files = [p.name for p in model_dir.iterdir() if p.is_file()]
@@ -114,6 +118,39 @@ def check_weights(model_dir: Path, allow_pickle: bool) -> None:
             f"{model_dir} has only pickle weights ({', '.join(sorted(pickles))}); loading pickle can run arbitrary "
             "code. Convert them to safetensors, or pass --allow_pickle_weights if you trust this directory."
         )
+
+
+# Names of the files in a model directory that loading opens: config and generation config, weights (safetensors,
+# ONNX and its external data, the sharded index), tokenizer files (tokenizer.json, vocab.json, merges.txt,
+# SentencePiece .model, tiktoken), chat templates and the int8 / ONNX manifests.
+_LOADED_SUFFIXES = (".json", ".safetensors", ".onnx", ".data", ".txt", ".model", ".tiktoken", ".jinja")
+
+
+def check_readable(model_dir: Path, allow_pickle: bool = False) -> None:
+    """Refuse a model directory this user cannot list, or a file in it the loader opens that it cannot read.
+
+    ``save_pretrained`` under a umask of 077 writes 0600 files; a pod running as another user (the image's UID
+    10001, an OpenShift-assigned one) then fails deep inside transformers with a misleading "No such file or
+    directory". This names the file, its mode and owner, and this process's UID instead.
+    """
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise ModelLoadError(_unreadable(model_dir, "make the model directory world-readable and searchable (chmod a+rx) or run as its owner"))
+    suffixes = _LOADED_SUFFIXES + (_PICKLE_SUFFIXES if allow_pickle else ())
+    files = [path for path in sorted(model_dir.iterdir()) if path.name.endswith(suffixes) and path.is_file()]
+    unreadable = [path for path in files if not os.access(path, os.R_OK)]
+    if unreadable:
+        raise ModelLoadError(_unreadable(unreadable[0], "make the model files world-readable (chmod a+r) or run as their owner", len(unreadable) - 1))
+
+
+def _unreadable(path: Path, fix: str, others: int = 0) -> str:
+    """The message naming ``path``, its mode and owner, this process's UID and the fix (``others``: more such files)."""
+    try:
+        st = path.stat()
+        found = f"mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid} gid {st.st_gid}"
+    except OSError as exc:
+        found = exc.strerror or str(exc)
+    also = f", nor {others} more of the model's files" if others else ""
+    return f"cannot read {path} ({found}) as uid {os.getuid()}{also}: {fix}"
 
 
 def load_model(
@@ -138,17 +175,22 @@ def load_model(
     torch_dtype, dtype_reason = resolve_dtype(dtype, torch_device, saved_dtype(model_dir))
     onnx = onnx_model.is_onnx_dir(model_dir)
     int8 = quantized.is_int8_dir(model_dir)
-    if int8 or onnx:
+    if onnx:
         if device == "cuda" or dtype not in ("auto", "float32"):
-            raise ModelLoadError(f"{model_dir} is an int8 or ONNX model: it runs on CPU with float32 activations only")
+            raise ModelLoadError(f"{model_dir} is an ONNX model: it runs on CPU with float32 activations only")
         torch_device, torch_dtype = torch.device("cpu"), torch.float32
-        dtype_reason = "an int8 or ONNX model: float32 activations"
+        dtype_reason = "an ONNX model: float32 activations"
+    elif int8:
+        if device == "cuda" or torch_dtype not in (torch.float32, torch.bfloat16):
+            raise ModelLoadError(f"{model_dir} is an int8 model: it runs on CPU, its float parts in float32 or bfloat16")
+        torch_device = torch.device("cpu")
+        dtype_reason = f"int8 projections (fbgemm), the rest {dtype_reason}"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if onnx:
             model = onnx_model.OnnxModel(model_dir)
         elif int8:
-            model = quantized.load(model_dir, trust_remote_code=trust_remote_code)
+            model = quantized.load(model_dir, trust_remote_code=trust_remote_code, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir,

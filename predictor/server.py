@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = "/mnt/models"
@@ -136,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved with the running decodes (the row-by-row runner takes one prompt whole).",
     )
     engine.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=False,
+        help="Run the decode step as one torch.compile graph (CPU, paged runner; compiled at start-up, cached under "
+        "$KSERVE_LLM_CACHE/inductor). Off by default: measured on AMD EPYC (2 cores) it made a bfloat16 SmolLM2 step 1.10x "
+        "faster at batch 16 and 0.88x at batch 1. A model that does not compile is served eagerly, and the log says why.",
+    )
+    engine.add_argument("--no_compile", dest="compile", action="store_false", help="Serve eagerly (the default).")
+    engine.add_argument(
         "--shutdown_grace_period", type=float, default=30.0, help="Seconds after SIGTERM for accepted requests to finish before the server exits."
     )
     lora = parser.add_argument_group("LoRA adapters")
@@ -212,7 +223,31 @@ def api_keys_from(args: argparse.Namespace) -> list[str]:
     return [key for key in keys if key]
 
 
+def temp_dir_problem() -> str | None:
+    """Why this process has no usable temporary directory, or None when it has one.
+
+    torch (imported with transformers), tokenizers and the GGUF conversion need one, and without it the predictor
+    died on import with Python's bare ``FileNotFoundError: No usable temporary directory found``. Called before
+    anything heavy is imported.
+    """
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError as exc:
+        tried = (exc.strerror or "").partition(" found in ")[2]
+        return (
+            f"no writable temporary directory (tried $TMPDIR, /tmp, /var/tmp, the working directory{': ' + tried if tried else ''}): "
+            "mount a writable volume at /tmp (the Helm chart mounts an emptyDir there) or set TMPDIR"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    no_temp_dir = temp_dir_problem()  # before the imports below: torch needs a temporary directory to import
+    if no_temp_dir:
+        parser.error(no_temp_dir)
+
     from .engine import EngineConfig
     from .kserve_seam import PredictorModelServer, fastapi_app
     from .loading import ModelLoadError
@@ -221,8 +256,6 @@ def main(argv: list[str] | None = None) -> None:
     from .protocols.middleware import ApiKeys
     from .request_context import install_log_filter
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: the engine owns the model in one process; scale with replicas instead")
     lora_names = [name for name, _ in args.lora_modules]
@@ -261,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             max_prefill_tokens=args.max_prefill_tokens,
             kv_cache_memory=args.kv_cache_memory,
             enable_prefix_caching=args.enable_prefix_caching,
+            compile=args.compile,
         ),
     )
     try:

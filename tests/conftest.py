@@ -52,9 +52,12 @@ def start_server(
     model_dir: Path | None, tmp: Path, *extra: str, name: str = MODEL_NAME, timeout: float = 120, env: dict[str, str] | None = None
 ) -> ServerProcess:
     """The real predictor on loopback. In float32 unless ``extra`` names a ``--dtype``: ``--dtype auto`` is bfloat16 on
-    CPUs with native bfloat16 products, and the exactness tests compare against ``model.generate`` in float32."""
+    CPUs with native bfloat16 products, and the exactness tests compare against ``model.generate`` in float32. Eager
+unless ``extra`` names ``--compile``: compiling takes a minute per server, and tests/test_compiled_step.py checks it."""
     if "--dtype" not in extra:
         extra = ("--dtype", "float32", *extra)
+    if "--compile" not in extra:
+        extra = ("--no_compile", *extra)
     return launch.start_server(model_dir, tmp, *extra, name=name, timeout=timeout, cwd=REPO, env=env)
 
 

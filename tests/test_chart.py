@@ -182,6 +182,32 @@ def test_security_defaults_inside_the_custom_resources(values):
         (["--set", "autoscaling.mode=fast"], "mode"),
         (["--set", "gpu.count=-1"], "count"),
         (["--set", "model.notAValue=1"], "notAValue"),
+        # security contexts, ServiceAccount, pod metadata and the preStop sleep: wrong types and unknown names
+        (["--set-string", "podSecurityContext.runAsUser=nobody"], "/podSecurityContext/runAsUser"),
+        (["--set", "podSecurityContext.fsGroup=-1"], "/podSecurityContext/fsGroup"),
+        (["--set-string", "podSecurityContext.enabled=yes"], "/podSecurityContext/enabled"),
+        (["--set", "podSecurityContext.runAsUsr=1"], "invalid propertyName 'runAsUsr'"),
+        (["--set-string", "containerSecurityContext.readOnlyRootFilesystem=no"], "/containerSecurityContext/readOnlyRootFilesystem"),
+        (["--set", "containerSecurityContext.capabilities=ALL"], "/containerSecurityContext/capabilities"),
+        (["--set", "containerSecurityContext.privilegd=true"], "invalid propertyName 'privilegd'"),
+        (["--set-string", "serviceAccount.create=true"], "/serviceAccount/create"),
+        (["--set", "serviceAccount.name=Bad_Name"], "/serviceAccount/name"),
+        (["--set", "serviceAccount.annotations.x=1"], "/serviceAccount/annotations/x"),
+        (["--set-string", "serviceAccount.automountServiceAccountToken=false"], "/serviceAccount/automountServiceAccountToken"),
+        (["--set", "serviceAccount.token=abc"], "token"),
+        (["--set", "podLabels.team=1"], "/podLabels/team"),
+        (["--set-string", "podLabels.team=ml platform"], "/podLabels/team"),
+        (["--set", "podAnnotations=inject"], "/podAnnotations"),
+        (["--set-string", "preStopSleepSeconds=5"], "/preStopSleepSeconds"),
+        (["--set", "preStopSleepSeconds=-1"], "/preStopSleepSeconds"),
+        (
+            ["--set", "preStopSleepSeconds=45"],
+            "preStopSleepSeconds (45) must be less than the pods' terminationGracePeriodSeconds (45, shutdownGracePeriod + 15)",
+        ),
+        (
+            ["-f", str(CHART / "ci" / "llmisvc-vllm-values.yaml"), "--set", "shutdownGracePeriod=0", "--set", "preStopSleepSeconds=15"],
+            "(15, shutdownGracePeriod + 15)",
+        ),
     ],
 )
 def test_invalid_values_fail_at_template_time(args, message):
@@ -639,3 +665,230 @@ def test_helm_test_script_sends_the_mounted_api_key(tiny_model_dir, tmp_path):
             assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200, path
     finally:
         stop_server(server)
+
+
+HARDENED_POD = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
+HARDENED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+OPENSHIFT = str(CHART / "ci" / "openshift-values.yaml")
+LLMISVC = str(CHART / "ci" / "llmisvc-values.yaml")
+LLMISVC_VLLM = str(CHART / "ci" / "llmisvc-vllm-values.yaml")
+MULTINODE = str(CHART / "ci" / "vllm-multinode-values.yaml")
+# One render of each pod layout: the predictor (InferenceService, ServingRuntime), vLLM over Ray (head and workers),
+# and LLMInferenceServices with this predictor, with vLLM disaggregated, and multi-node.
+LAYOUTS = {
+    "isvc": [],
+    "isvc-multinode": ["-f", MULTINODE],
+    "llmisvc": ["-f", LLMISVC],
+    "llmisvc-disaggregated": ["-f", LLMISVC_VLLM],
+    "llmisvc-multinode": ["-f", MULTINODE, "--set", "kind=LLMInferenceService"],
+}
+
+
+def all_containers(docs: list[dict]) -> list[dict]:
+    """Every serving container and the helm test pod's."""
+    return predictor_containers(docs) + [c for pod in by_kind(docs, "Pod") for c in pod["spec"]["containers"]]
+
+
+def all_pods(docs: list[dict]) -> list[dict]:
+    """Every serving pod spec and the helm test pod's."""
+    return serving_pods(docs) + [pod["spec"] for pod in by_kind(docs, "Pod")]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+def test_security_contexts_come_from_values_and_default_to_the_hardened_ones(layout):
+    args = LAYOUTS[layout]
+    docs = render(*args)
+    for container in all_containers(docs):
+        assert container["securityContext"] == HARDENED_CONTAINER, container["name"]
+    for pod in serving_pods(docs):
+        assert pod["securityContext"] == HARDENED_POD
+    assert helm_test_pod(docs)["spec"]["securityContext"] == {k: v for k, v in HARDENED_POD.items() if k != "fsGroup"}  # no Secret volume
+    # OpenShift: the SCC assigns the UID and fsGroup, so the chart sets neither (null drops a default); the rest stays
+    docs = render(*args, "-f", OPENSHIFT)
+    for container in all_containers(docs):
+        assert container["securityContext"] == {k: v for k, v in HARDENED_CONTAINER.items() if k != "runAsUser"}
+    for pod in all_pods(docs):
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    for doc in docs:
+        validate(doc)
+    # other Kubernetes fields pass through; a changed one reaches every container
+    docs = render(*args, "--set", "podSecurityContext.runAsGroup=10002", "--set", "containerSecurityContext.runAsUser=2000")
+    assert all(pod["securityContext"]["runAsGroup"] == 10002 for pod in all_pods(docs))
+    assert all(c["securityContext"]["runAsUser"] == 2000 for c in all_containers(docs))
+    # disabled: no securityContext at all (the platform's admission sets one)
+    docs = render(*args, "--set", "podSecurityContext.enabled=false", "--set", "containerSecurityContext.enabled=false")
+    assert not any("securityContext" in x for x in all_pods(docs) + all_containers(docs))
+    for doc in docs:
+        validate(doc)
+
+
+def test_the_default_render_keeps_the_hardened_security_context_in_key_order():
+    """The values reproduce what the templates hard-coded, key order included, so manifests/ did not change."""
+    text = helm_template("--show-only", "templates/inferenceservice.yaml").stdout
+    pod = text[text.index("    securityContext:") :].split("\n")[1:6]
+    assert [line.strip() for line in pod] == ["runAsNonRoot: true", "runAsUser: 10001", "fsGroup: 10001", "seccompProfile:", "type: RuntimeDefault"]
+    container = text[text.index("      securityContext:") :].split("\n")[1:9]
+    keys = [line.strip().split(":")[0] for line in container if not line.strip().startswith(("-", "type"))]
+    assert keys == ["allowPrivilegeEscalation", "readOnlyRootFilesystem", "runAsNonRoot", "runAsUser", "capabilities", "drop", "seccompProfile"]
+
+
+def test_service_account_create_name_annotations_and_token():
+    # default: the namespace's default ServiceAccount, no token
+    docs = render()
+    assert not by_kind(docs, "ServiceAccount")
+    assert all("serviceAccountName" not in pod and pod["automountServiceAccountToken"] is False for pod in serving_pods(docs))
+    # rendered, with a cloud-identity annotation: every serving pod runs as it
+    irsa = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/llm-models-read"}
+    for args in LAYOUTS.values():
+        docs = render(*args, "-f", OPENSHIFT)
+        (account,) = by_kind(docs, "ServiceAccount")
+        validate(account)
+        name = account["metadata"]["name"]
+        assert name == "llm-kserve-llm" and account["metadata"]["annotations"] == irsa and account["automountServiceAccountToken"] is False
+        assert {pod["serviceAccountName"] for pod in serving_pods(docs)} == {name}
+    named = by_kind(render("--set", "serviceAccount.create=true", "--set", "serviceAccount.name=models-reader"), "ServiceAccount")[0]
+    assert named["metadata"]["name"] == "models-reader"
+    # an existing one, and a token when asked for
+    docs = render(*LAYOUTS["isvc-multinode"], "--set", "serviceAccount.name=existing", "--set", "serviceAccount.automountServiceAccountToken=true")
+    assert not by_kind(docs, "ServiceAccount")
+    for pod in serving_pods(docs):  # the predictor's head and its Ray workers
+        assert pod["serviceAccountName"] == "existing" and pod["automountServiceAccountToken"] is True
+    # disaggregated decode pods mount the token for llm-d's routing sidecar (KServe binds its Role to the account)
+    spec = by_kind(render("-f", LLMISVC_VLLM, "-f", OPENSHIFT), "LLMInferenceService")[0]["spec"]
+    decode, prefill = spec["template"], spec["prefill"]["template"]
+    assert decode["serviceAccountName"] == prefill["serviceAccountName"] == "llm-kserve-llm"
+    assert decode["automountServiceAccountToken"] is True and "automountServiceAccountToken" not in prefill
+    spec = by_kind(render("-f", LLMISVC_VLLM), "LLMInferenceService")[0]["spec"]  # no account named: KServe's own
+    assert "serviceAccountName" not in spec["template"] and "automountServiceAccountToken" not in spec["template"]
+
+
+def test_service_account_of_the_pods_is_not_the_pipelines_deployer():
+    """One story: the pods' ServiceAccount (serviceAccount.*) needs no API access; the pipeline's deployer
+    (manifests/rbac) deploys them and is the only account with a Role."""
+    from test_manifests import kustomize
+
+    rbac = kustomize(REPO / "manifests" / "rbac")
+    (deployer,) = by_kind(rbac, "ServiceAccount")
+    for args in LAYOUTS.values():
+        docs = render(*args, "-f", OPENSHIFT)
+        assert deployer["metadata"]["name"] not in {pod.get("serviceAccountName") for pod in serving_pods(docs)}
+        assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {d["kind"] for d in docs}
+
+
+def test_pod_labels_and_annotations_reach_every_serving_pod():
+    extra = ["--set", "podLabels.cost-center=ml", "--set-string", "podAnnotations.sidecar\\.istio\\.io/inject=false"]
+    # InferenceService: spec.predictor (KServe puts it on the head and the Ray worker pods)
+    for args in (LAYOUTS["isvc"], LAYOUTS["isvc-multinode"], ["-f", str(CHART / "ci" / "canary-values.yaml")]):
+        docs = render(*args, *extra)
+        predictor = by_kind(docs, "InferenceService")[0]["spec"]["predictor"]
+        assert predictor["labels"] == {"cost-center": "ml"}
+        annotations = predictor["annotations"]
+        assert annotations["sidecar.istio.io/inject"] == "false" and annotations["prometheus.io/port"] == "8080"
+        for doc in docs:
+            validate(doc)
+    kpa = by_kind(render("-f", str(CHART / "ci" / "canary-values.yaml"), *extra), "InferenceService")[0]["spec"]["predictor"]["annotations"]
+    assert kpa["autoscaling.knative.dev/metric"] == "concurrency" and kpa["autoscaling.knative.dev/target"] == "8"
+    # a key given in podAnnotations wins over the chart's
+    override = by_kind(render("--set-string", "podAnnotations.prometheus\\.io/port=9090"), "InferenceService")[0]["spec"]["predictor"]["annotations"]
+    assert override["prometheus.io/port"] == "9090" and override["prometheus.io/path"] == "/metrics"
+    # LLMInferenceService: spec (main pods, leader and workers) and spec.prefill
+    for layout in ("llmisvc", "llmisvc-disaggregated", "llmisvc-multinode"):
+        docs = render(*LAYOUTS[layout], *extra)
+        (llmisvc,) = by_kind(docs, "LLMInferenceService")
+        validate(llmisvc)
+        workloads = [llmisvc["spec"]] + ([llmisvc["spec"]["prefill"]] if "prefill" in llmisvc["spec"] else [])
+        for workload in workloads:
+            assert workload["labels"]["cost-center"] == "ml" and workload["annotations"] == {"sidecar.istio.io/inject": "false"}
+    # none by default
+    predictor = by_kind(render(), "InferenceService")[0]["spec"]["predictor"]
+    assert "labels" not in predictor and set(predictor["annotations"]) == {"prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"}
+    assert "annotations" not in by_kind(render("-f", LLMISVC), "LLMInferenceService")[0]["spec"]
+
+
+def test_llm_d_role_labels_on_the_llminferenceservice_pods():
+    spec = by_kind(render("-f", LLMISVC), "LLMInferenceService")[0]["spec"]
+    assert spec["labels"] == {"llm-d.ai/role": "both"}  # not disaggregated: one pod does prefill and decode
+    spec = by_kind(render("-f", LLMISVC_VLLM), "LLMInferenceService")[0]["spec"]
+    assert spec["labels"] == {"llm-d.ai/role": "decode"} and spec["prefill"]["labels"] == {"llm-d.ai/role": "prefill"}
+    spec = by_kind(render(*LAYOUTS["llmisvc-multinode"]), "LLMInferenceService")[0]["spec"]
+    assert spec["labels"] == {"llm-d.ai/role": "both"}
+    # podLabels cannot relabel the role llm-d's scheduler filters on
+    spec = by_kind(render("-f", LLMISVC_VLLM, "--set", "podLabels.llm-d\\.ai/role=both"), "LLMInferenceService")[0]["spec"]
+    assert spec["labels"]["llm-d.ai/role"] == "decode" and spec["prefill"]["labels"]["llm-d.ai/role"] == "prefill"
+    assert "llm-d.ai/role" not in json.dumps(by_kind(render(), "InferenceService"))
+
+
+def test_networkpolicy_admits_prometheus_on_the_disaggregated_decode_pods_metrics_port():
+    def scrape_ports(*args: str) -> list[int]:
+        (policy,) = by_kind(render(*args), "NetworkPolicy")
+        (rule,) = [r for r in policy["spec"]["ingress"] if r["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]]
+        return [p["port"] for p in rule["ports"]]
+
+    docs = render("-f", LLMISVC_VLLM)
+    decode = by_kind(docs, "LLMInferenceService")[0]["spec"]["template"]["containers"][0]
+    assert decode["ports"][0]["containerPort"] == 8001  # vLLM and its /metrics behind llm-d's routing sidecar (8000)
+    (monitor,) = by_kind(docs, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == decode["ports"][0]["name"]  # Prometheus scrapes 8001 there
+    assert scrape_ports("-f", LLMISVC_VLLM) == [8000, 8001]  # prefill pods on 8000, decode pods on 8001
+    assert scrape_ports("-f", HARDENED_LLMISVC) == [8000, 8001]
+    assert scrape_ports("-f", LLMISVC) == [8000]
+    assert scrape_ports("-f", LLMISVC_VLLM, "--set", "llmisvc.prefill.enabled=false") == [8000]
+    assert scrape_ports() == [8080]
+
+
+def _grace(pod: dict) -> int:
+    return pod["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+def test_serving_containers_sleep_in_prestop_shorter_than_the_grace_period(layout):
+    docs = render(*LAYOUTS[layout])
+    checked = 0
+    for isvc in by_kind(docs, "InferenceService"):
+        predictor = isvc["spec"]["predictor"]
+        assert predictor["model"]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+        assert 5 < _grace(predictor)
+        checked += 1
+        for worker in predictor.get("workerSpec", {}).get("containers", []):  # Ray workers serve nothing
+            assert "lifecycle" not in worker
+    for runtime in by_kind(docs, "ServingRuntime"):  # the InferenceService's model container carries it (KServe merges them)
+        assert all("lifecycle" not in c for c in runtime["spec"]["containers"] + runtime["spec"].get("workerSpec", {}).get("containers", []))
+    for llmisvc in by_kind(docs, "LLMInferenceService"):
+        spec = llmisvc["spec"]
+        for pod in [spec["template"]] + ([spec["prefill"]["template"]] if "prefill" in spec else []):
+            (container,) = pod["containers"]
+            command = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[0] == "sleep" and int(command[1]) == 5 < _grace(pod)
+            checked += 1
+        if "worker" in spec:
+            assert "lifecycle" not in spec["worker"]["containers"][0]
+    assert checked
+    for doc in docs:
+        validate(doc)
+
+
+def test_prestop_sleep_is_a_value_off_at_zero_and_absent_in_knative_mode():
+    model = by_kind(render("--set", "preStopSleepSeconds=12", "--set", "shutdownGracePeriod=60"), "InferenceService")[0]["spec"]["predictor"]
+    assert model["model"]["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "12"] and _grace(model) == 75
+    assert "lifecycle" not in json.dumps(render("--set", "preStopSleepSeconds=0"))
+    for values in ("canary-values.yaml", "knative-scale-to-zero-values.yaml"):  # Knative refuses lifecycle hooks
+        assert "lifecycle" not in by_kind(render("-f", str(CHART / "ci" / values)), "InferenceService")[0]["spec"]["predictor"]["model"]
+
+
+def test_notes_warn_when_the_prestop_sleep_cuts_the_drain_short():
+    def notes(*args: str) -> str:
+        result = subprocess.run([tool("helm"), "install", "llm", str(CHART), "--dry-run=client", *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "WARNING: preStopSleepSeconds" not in notes()
+    assert "WARNING: preStopSleepSeconds (20) + shutdownGracePeriod (30) exceed the pods' terminationGracePeriodSeconds (45)" in notes(
+        "--set", "preStopSleepSeconds=20"
+    )

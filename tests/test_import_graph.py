@@ -3,7 +3,8 @@
 The graph is read from the source with ``ast``, without importing anything: an edge A → B for every import A
 makes of a module of the same two packages in a statement of A's module body, inside top-level ``if``/``try``/``with``
 blocks and class bodies too, and under ``if TYPE_CHECKING:`` as well: Python never runs that one, but a module that
-needs its importer's types is the same circle in the design (the one left in predictor/ is such). Imports inside
+needs its importer's types is the same circle in the design (as the engine and its scheduler were, until ``Sequence``
+moved to ``engine/request.py``). Imports inside
 functions do not count: they run after both modules are loaded, and are how a module defers a heavy dependency.
 ``from . import x``, ``from .x import y``, ``import predictor.x`` and ``from pipelines.x import y`` all count;
 ``from P import y`` is an edge to the submodule ``P.y`` when there is one, else to ``P`` itself.
@@ -19,8 +20,6 @@ import pytest
 from conftest import REPO
 
 PACKAGES = ("predictor", "pipelines")
-# Being fixed (issue 20 item 1): the one circle left in predictor/ until ``Sequence`` moves to engine/request.py.
-KNOWN = {"predictor": [["predictor.engine.engine", "predictor.engine.scheduler"]]}
 
 
 def module_names(root: Path = REPO) -> dict[str, Path]:
@@ -136,18 +135,7 @@ def test_the_data_step_imports_the_tokenizer_not_the_trainer():
     assert "pipelines.dataset" in graph["pipelines.train"]
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        "pipelines",
-        pytest.param("predictor", marks=pytest.mark.xfail(strict=True, reason="issue 20 item 1: Sequence moves to engine/request.py")),
-    ],
-)
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_circle(package):
     found = package_cycles(package)
     assert not found, f"import circles in {package}/: " + "; ".join(" -> ".join([*c, c[0]]) for c in found)
-
-
-def test_the_known_predictor_circle_is_the_only_one():
-    """While the xfail above stands, nothing but the known circle may appear in predictor/."""
-    assert [c for c in package_cycles("predictor") if c not in KNOWN["predictor"]] == []

@@ -37,21 +37,56 @@ def variants(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def test_int8_quantizes_every_projection(tiny_model_dir, variants):
+def test_int8_quantizes_every_projection_but_the_head_with_smoothquant(tiny_model_dir, variants):
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    expected = quantized.projection_names(original)
+    expected = [n for n in quantized.projection_names(original) if n != "lm_head"]
     report = json.loads((variants["int8"] / "optimization.json").read_text())
     manifest = json.loads((variants["int8"] / "quantization.json").read_text())
     assert manifest["modules"] == expected and report["quantized_modules"] == len(expected) == report["projection_modules"]
-    assert any("c_attn" in n for n in expected) and "lm_head" in expected  # Conv1D and Linear alike
+    assert any("c_attn" in n for n in expected) and report["kept_float"] == ["lm_head"]  # Conv1D and Linear alike
+    assert manifest["smoothquant"]["alpha"] == quantized.SMOOTHQUANT_ALPHA and manifest["smoothquant"]["calibration_tokens"] > 100
     model = quantized.load(variants["int8"])
     left = [n for n, m in model.named_modules() if isinstance(m, (Conv1D, torch.nn.Linear))]
-    assert left == [], f"still float: {left}"
+    assert left == ["lm_head"], f"still float: {left}"
+    assert all(m.smooth is not None for m in model.modules() if isinstance(m, quantized.Int8Linear))
     assert report["weight_compression"] >= 3.5
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
         ref, q = original(input_ids=ids).logits, model(input_ids=ids).logits
     assert (ref - q).abs().max() < 0.1 * ref.abs().max()  # close, not equal
+
+
+def test_smoothquant_shrinks_the_int8_error_on_outlier_channels():
+    """A projection whose input has a few channels 50x larger than the rest (as LLM activations do): per-token int8
+    rounds the small channels to nothing, SmoothQuant's division moves the range into the weights."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(256, 64)
+    x[:, :3] *= 50.0
+    ranges = x.abs().amax(0)
+    plain = quantized._quantize_linear(linear)
+    smoothed = quantized._quantize_linear(linear, quantized.smoothing(ranges, [linear.weight]))
+    with torch.no_grad():
+        ref = linear(x)
+        plain_error, smooth_error = (plain(x) - ref).abs().mean(), (smoothed(x) - ref).abs().mean()
+    assert smooth_error < 0.5 * plain_error, (smooth_error, plain_error)
+
+
+def test_siblings_of_one_input_share_smoothing_and_concatenate_exactly(tiny_model_dir):
+    """q/k/v-style projections of one input get one smoothing vector, so one int8 product computes all three."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    quantized.quantize(model.eval(), [list(range(40))])
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert torch.equal(attn.q_proj.smooth, attn.k_proj.smooth) and torch.equal(attn.k_proj.smooth, attn.v_proj.smooth)
+    assert torch.equal(mlp.gate_proj.smooth, mlp.up_proj.smooth) and not torch.equal(mlp.up_proj.smooth, mlp.down_proj.smooth[:32])
+    fused = quantized.concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1), rtol=1e-5, atol=1e-6)
+    assert quantized.concatenate([attn.q_proj, mlp.down_proj]) is None  # different inputs: no shared product
 
 
 def test_pruned_model_is_a_standard_smaller_gpt2(tiny_model_dir, variants):

@@ -16,6 +16,11 @@ once without the newest sequence, which then fails alone. An error that leaves t
 error, or ``MAX_FAILURES_IN_A_ROW`` failed steps in a row) marks it dead: every request gets ``EngineDead`` and
 ``on_dead`` is called, so that the server fails its probes and exits non-zero for Kubernetes to restart it
 (vLLM's ``EngineDeadError``).
+
+Around it: a request's state is ``request.Sequence``, the queues are the scheduler's (``scheduler.py``, which also
+states the locking rule), and every metric and span goes through ``observer.EngineObserver``. This module stays over
+400 lines because what is left is one piece: the step loop over the engine thread's state, with the failure isolation
+above (retry without the newest, row-by-row re-sampling) woven through its prefill, decode and sampling.
 """
 
 from __future__ import annotations
@@ -25,23 +30,27 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import EngineDead, EngineError, EngineStopped, GrammarFailed, InvalidRequest, QueueFull, RequestFailed, RequestTimeout, internal_error
 from ..loading import LoadedModel
-from ..metrics import EngineMetrics
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
 from .detokenizer import Detokenizer
 from .kv_cache import BlockAllocator
 from .lora import LoRAAdapter, LoRAManager
+from .observer import EngineObserver
+from .request import Sequence, deliver
 from .runner import Chunk, KVPlan, ModelRunner, PagedRunner, make_runner
 from .sampler import sample, token_logprob
 from .scheduler import Scheduler
-from .structured import Matcher, token_masks
+from .structured import token_masks
+
+if TYPE_CHECKING:
+    from ..metrics import EngineMetrics
 
 logger = logging.getLogger("kserve")  # KServe configures this logger's handlers
 
@@ -74,74 +83,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # chunked prefill's step budget (vLLM's default for chunked prefill)
     kv_cache_memory: int | None = None  # bytes; None: the device default (kv_cache.py)
     enable_prefix_caching: bool = True  # with the paged runner only (others keep per-sequence state)
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request's life in the engine. Fields after ``cancelled`` belong to the engine thread."""
-
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue
-    arrival: float
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    seq_id: int = -1
-    blocks: list[int] = field(default_factory=list)  # the KV-cache block table
-    length: int = 0  # positions in the KV cache
-    prefill_target: int = 0  # positions its prefill fills (set at admission); it decodes once length reaches it
-    chunk: int = 0  # prompt tokens it prefills in the current step (scheduler.schedule_prefill)
-    cached: int = 0  # leading positions found in the prefix cache at admission (not recomputed)
-    digests: list[bytes] = field(default_factory=list)  # of its full prefill blocks, for the prefix cache
-    pending: int = -1  # the last sampled token, fed at the next decode step
-    output_ids: list[int] = field(default_factory=list)
-    last_token_time: float = 0.0
-    generator: torch.Generator | None = None
-    detok: Detokenizer | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    matcher: Matcher | None = None  # its grammar state (structured outputs); lives as long as output_ids
-    lora_slot: int = 0  # the LoRA slot of its adapter while running (0: the base model)
-    scheduled_time: float = 0.0  # first admission (the end of its queue time)
-    first_token_time: float = 0.0
-    finish_time: float = 0.0
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def needs_prompt_logits(self) -> bool:
-        """Prompt logprobs were asked and not sent yet: every prompt token must be computed."""
-        return bool(self.request.prompt_logprobs) and not self.output_ids
-
-    @property
-    def prefilling(self) -> bool:
-        """Admitted, with prompt tokens still to run (chunked prefill)."""
-        return self.length < self.prefill_target
-
-    @property
-    def tokens_to_prefill(self) -> list[int]:
-        """The prompt, and after a preemption the tokens generated so far (recomputed into the cache)."""
-        return self.request.prompt_ids + self.output_ids
-
-    async def stream(self) -> AsyncIterator[StepOutput]:
-        """This request's outputs; the last has ``finish_reason``. Leaving early cancels the request."""
-        try:
-            while True:
-                item = await self.outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            self.cancelled.set()
-
-    def emit(self, item: StepOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
-
-
-def _deliver(items: list[tuple[Sequence, StepOutput | BaseException]]) -> None:
-    for seq, item in items:
-        seq.outputs.put_nowait(item)
+    compile: bool = False  # the decode step through torch.compile (compiled_step.py), where the runner can; the CLI turns it on
 
 
 class Engine:
@@ -150,15 +92,18 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, metrics: EngineMetrics | None = None, lora: LoRAManager | None = None):
         self.loaded = loaded
         self.config = config or EngineConfig()
-        self.metrics = metrics
+        self.observer = EngineObserver(metrics)  # every metric and span the engine reports (observer.py)
         self.lora = lora  # multi-LoRA serving (--lora_modules): adapters, slots
         self.runner: ModelRunner | None = None  # built in the engine thread, see start()
         self.scheduler: Scheduler | None = None  # built with the runner: it needs the pool's size
-        self.tracer = None  # a tracing.RequestTracer: one span per finished request (--otlp_traces_endpoint)
         self.on_dead: Callable[[str], None] | None = None  # called once, from the engine thread, when the engine dies
         self.dead: str | None = None  # why the engine died; None while it serves
         self._ids = itertools.count()
-        self._cond = threading.Condition()
+        # One re-entrant lock for the engine's own state (accepting, stopping, dead, the LoRA registry) and the
+        # scheduler's queues, which take it inside their methods (Scheduler.__init__ states the rule); the condition
+        # on it wakes the engine thread when requests arrive.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._accepting = True
         self._stop = False
@@ -180,16 +125,12 @@ class Engine:
         def run() -> None:
             try:
                 plan = KVPlan(self.config.kv_cache_memory, self.config.max_num_seqs * self.loaded.max_model_len)
-                self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device, self.lora)
+                self.runner = make_runner(self.loaded.model, plan, self.config.max_num_seqs, self.loaded.device, self.lora, self.config.compile)
                 prefix_caching = self.config.enable_prefix_caching and isinstance(self.runner, PagedRunner)
                 allocator = BlockAllocator(self.runner.num_blocks)
                 chunked = isinstance(self.runner, PagedRunner)  # the others cannot continue a prefill from a cached position
-                self.scheduler = Scheduler(allocator, self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching, self.lora, chunked)
-                if self.metrics:
-                    dtype = str(getattr(self.runner, "dtype", torch.float32)).removeprefix("torch.")
-                    self.metrics.cache_config(allocator.block_size, allocator.capacity, prefix_caching, dtype)
-                    if self.lora is not None:
-                        self.metrics.lora_info(self.lora.max_loras, set(), set())
+                self.scheduler = Scheduler(allocator, self.config.max_num_seqs, self.config.max_prefill_tokens, prefix_caching, self.lora, chunked, self._lock)
+                self.observer.on_start(self.scheduler, str(getattr(self.runner, "dtype", torch.float32)).removeprefix("torch."), self.lora)
             except BaseException as exc:
                 failure.append(exc)
                 return
@@ -205,12 +146,17 @@ class Engine:
             raise failure[0]
 
     @property
-    def waiting(self) -> deque[Sequence]:
-        return self.scheduler.waiting
+    def metrics(self) -> EngineMetrics | None:
+        return self.observer.metrics
 
     @property
-    def running(self) -> list[Sequence]:
-        return self.scheduler.running
+    def tracer(self):
+        """A ``tracing.RequestTracer`` (or None): one span per finished request (``--otlp_traces_endpoint``)."""
+        return self.observer.tracer
+
+    @tracer.setter
+    def tracer(self, tracer) -> None:
+        self.observer.tracer = tracer
 
     @property
     def max_cached_tokens(self) -> int:
@@ -236,12 +182,11 @@ class Engine:
             for request in requests:  # checked again here, under the lock: an adapter may have been unloaded meanwhile
                 if request.lora is not None and (request.lora not in self.lora.adapters or request.lora in self.lora.unloading):
                     raise InvalidRequest(f"the LoRA adapter '{request.lora}' does not exist", param="model", status=404, code="model_not_found")
-            room = self.capacity - len(self.running) - len(self.waiting)
+            room = self.capacity - self.scheduler.num_unfinished
             if len(seqs) > room:
-                if self.metrics:
-                    self.metrics.rejected.inc()
+                self.observer.on_reject()
                 raise QueueFull(f"the server is at capacity ({self.config.max_queue} requests waiting beyond the running batch); retry shortly")
-            self.waiting.extend(seqs)
+            self.scheduler.add(seqs)
             self._cond.notify()
         return seqs
 
@@ -264,7 +209,7 @@ class Engine:
             self.lora.unloading.add(name)
         while True:
             with self._cond:
-                if not any(seq.request.lora == name for seq in (*self.waiting, *self.running)):
+                if not self.scheduler.uses_lora(name):
                     self.lora.remove(name)
                     return
             await asyncio.sleep(0.05)
@@ -276,8 +221,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        with self._cond:
-            return not self.waiting and not self.running
+        return self.scheduler.num_unfinished == 0
 
     async def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -302,12 +246,11 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self.waiting and not self.running and not self._stop:
+                while not self.scheduler.num_unfinished and not self._stop:
                     self._cond.wait()
                 if self._stop:
-                    for seq in list(self.waiting) + self.running:
+                    for seq in self.scheduler.abort_all():
                         seq.emit(EngineStopped("the server stopped before this request finished"))
-                    self.waiting.clear()
                     return
             try:
                 self._step()
@@ -320,7 +263,7 @@ class Engine:
                 except _EngineBroken as broken:
                     self._die(str(broken))
                     return
-            self._update_gauges()
+            self.observer.on_step(self.scheduler, self.lora)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -329,7 +272,7 @@ class Engine:
         chunks = self._admit(now)
         if chunks:
             self._prefill(chunks)
-        if any(not s.prefilling for s in self.running):
+        if self.scheduler.decoding():
             self._decode()
         if self._failed_steps == failures:  # a whole step without a failure: the engine works
             self._failed_steps = 0
@@ -338,18 +281,18 @@ class Engine:
         """One more failure; raises ``_EngineBroken`` for a device error, or when ``MAX_FAILURES_IN_A_ROW`` steps failed
         with no step succeeding whole between them."""
         self._failed_steps += 1
-        if self.metrics:
-            self.metrics.step_failures.inc()
+        self.observer.on_step_failure()
         if is_device_error(exc):
             raise _EngineBroken(f"device error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         if self._failed_steps >= MAX_FAILURES_IN_A_ROW:
             raise _EngineBroken(f"{self._failed_steps} engine steps failed in a row, the last with {type(exc).__name__}") from exc
 
     def _step_failed(self, exc: Exception) -> None:
-        ids = [s.request.request_id for s in self.running]
+        batch = self.scheduler.batch()
+        ids = [s.request.request_id for s in batch]
         logger.error("engine step failed (%d in a row); failing running requests %s", self._failed_steps + 1, ", ".join(ids) or "-", exc_info=exc)
         self._count_failure(exc)
-        for seq in list(self.running):
+        for seq in batch:
             seq.emit(RequestFailed(internal_error(seq.request.request_id)))
             self._remove(seq)
 
@@ -359,12 +302,10 @@ class Engine:
         with self._cond:
             self.dead = reason
             self._accepting = False
-            seqs = list(self.waiting) + list(self.running)
-            self.waiting.clear()
+            seqs = self.scheduler.abort_all()
         for seq in seqs:
             seq.emit(EngineDead("the engine failed and this server is restarting; retry on another replica"))
-        if self.metrics:
-            self.metrics.dead.set(1)
+        self.observer.on_dead()
         if self.on_dead is not None:
             self.on_dead(reason)
 
@@ -373,8 +314,7 @@ class Engine:
         logger.error("request %s failed while %s", seq.request.request_id, where, exc_info=exc)
         seq.emit(RequestFailed(internal_error(seq.request.request_id)))
         self._remove(seq)
-        if self.tracer is not None:
-            self.tracer.record(seq, time.monotonic(), error=f"failed while {where}")
+        self.observer.on_error(seq, time.monotonic(), f"failed while {where}")
 
     def _forward(self, batch: list[Sequence], run: Callable[[list[Sequence]], torch.Tensor | list[torch.Tensor]], what: str):
         """``run(batch)`` (the model forward); if it raises, once more without the newest sequence, which then fails
@@ -397,36 +337,24 @@ class Engine:
         return batch, logits
 
     def _expire(self, now: float) -> None:
+        """Drop the cancelled sequences; fail those past ``--request_timeout``."""
         timeout = self.config.request_timeout
-        expired = []
-        with self._cond:
-            for seq in list(self.waiting):
-                if seq.cancelled.is_set():
-                    self.waiting.remove(seq)
-                elif timeout and now - seq.arrival > timeout:
-                    self.waiting.remove(seq)
-                    seq.emit(RequestTimeout(f"the request waited longer than --request_timeout ({timeout:g} s)"))
-                    expired.append(seq)
-        for seq in list(self.running):
-            if seq.cancelled.is_set():
-                self._remove(seq)
-            elif timeout and now - seq.arrival > timeout:
-                seq.emit(RequestTimeout(f"the request ran longer than --request_timeout ({timeout:g} s)"))
-                self._remove(seq)
-                expired.append(seq)
-        if self.tracer is not None:
-            for seq in expired:
-                self.tracer.record(seq, now, error="timed out (--request_timeout)")
+        waited, ran, cancelled = self.scheduler.expire(now, timeout)
+        for seq in waited:
+            seq.emit(RequestTimeout(f"the request waited longer than --request_timeout ({timeout:g} s)"))
+        for seq in ran:
+            seq.emit(RequestTimeout(f"the request ran longer than --request_timeout ({timeout:g} s)"))
+        for seq in ran + cancelled:  # out of the batch already (their blocks too): their runner state goes now
+            self.runner.release(seq.seq_id)
+        for seq in waited + ran:
+            self.observer.on_error(seq, now, "timed out (--request_timeout)")
 
     def _admit(self, now: float) -> list[Sequence]:
         """Admit what fits; returns every sequence with a prefill chunk this step."""
-        with self._cond:
-            admitted, chunks = self.scheduler.schedule_prefill()
+        admitted, chunks = self.scheduler.schedule_prefill()
         failed = set()
         for seq in admitted:
-            if self.metrics and self.scheduler.prefix_caching:
-                self.metrics.prefix_cache_queries.inc(len(seq.tokens_to_prefill))
-                self.metrics.prefix_cache_hits.inc(seq.cached)
+            self.observer.on_admit(seq, self.scheduler.prefix_caching)
             if seq.needs_prompt_logits:
                 seq.prompt_logprobs = None  # collected chunk by chunk, from the start again after a preemption
             if seq.detok is None:  # not re-admitted after a preemption (then its state carries on)
@@ -446,9 +374,7 @@ class Engine:
             seq.matcher = seq.request.grammar.matcher(params.max_tokens)
         seq.detok = Detokenizer(self.loaded.tokenizer, seq.request.prompt_ids, seq.request.stops if seq.request.stops is not None else params.stop)
         seq.scheduled_time = now
-        if self.metrics:
-            self.metrics.queue_time.observe(now - seq.arrival)
-            self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
+        self.observer.on_scheduled(seq, now)
 
     def _run_prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
@@ -476,13 +402,11 @@ class Engine:
         return self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks, lora_slot=s.lora_slot) for s in seqs])
 
     def _decode(self) -> None:
-        with self._cond:
-            preempted = self.scheduler.reserve_decode()
+        preempted = self.scheduler.reserve_decode()
         for seq in preempted:
             self.runner.release(seq.seq_id)
-            if self.metrics:
-                self.metrics.preemptions.inc()
-        batch = [s for s in self.running if not s.prefilling]
+            self.observer.on_preempt(seq)
+        batch = self.scheduler.decoding()
         if not batch:
             return
         batch, logits = self._forward(batch, self._run_decode, "decode")
@@ -551,7 +475,7 @@ class Engine:
             if out.finish_reason is not None:
                 finished.append(seq)
         for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per token
-            loop.call_soon_threadsafe(_deliver, items)
+            loop.call_soon_threadsafe(deliver, items)
         for seq in finished:
             self._remove(seq)
 
@@ -560,12 +484,7 @@ class Engine:
         params = seq.request.params
         seq.output_ids.append(token)
         seq.pending = token
-        if self.metrics:
-            self.metrics.generation_tokens.inc()
-            if len(seq.output_ids) == 1:
-                self.metrics.ttft.observe(now - seq.arrival)
-            else:
-                self.metrics.itl.observe(now - seq.last_token_time)
+        self.observer.on_token(seq, now)
         if len(seq.output_ids) == 1:
             seq.first_token_time = now
         seq.last_token_time = now
@@ -592,28 +511,13 @@ class Engine:
         seq.prompt_logprobs = None
         if finish is not None:
             seq.finish_time = now
-            if self.metrics:
-                self.metrics.e2e.observe(now - seq.arrival)
-                self.metrics.success(finish)
-            if self.tracer is not None:
-                self.tracer.record(seq, now, finish_reason=finish)
+            self.observer.on_finish(seq, now, finish)
         return out
 
     def _remove(self, seq: Sequence) -> None:
         """The sequence leaves the batch; its KV-cache blocks return to the pool."""
-        with self._cond:
-            self.scheduler.free(seq)
+        self.scheduler.free(seq)
         self.runner.release(seq.seq_id)
-
-    def _update_gauges(self) -> None:
-        if self.metrics:
-            self.metrics.running.set(len(self.running))
-            self.metrics.waiting.set(len(self.waiting))
-            self.metrics.kv_cache_usage.set(self.scheduler.usage)
-            if self.lora is not None:
-                with self._cond:
-                    waiting = {s.request.lora for s in self.waiting} - {None}
-                self.metrics.lora_info(self.lora.max_loras, {s.request.lora for s in self.running} - {None}, waiting)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], start: int, top_n: int) -> list[TokenLogprob | None]:

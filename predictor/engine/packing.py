@@ -21,6 +21,9 @@ from torch import nn
 from transformers import activations
 from transformers.pytorch_utils import Conv1D
 
+from .. import opaque_ops
+from ..quantized import Int8Linear, concatenate
+
 # activation module type → (oneDNN post-op, algorithm)
 _FUSABLE: dict[type, tuple[str, str]] = {
     nn.SiLU: ("swish", ""),
@@ -62,9 +65,15 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_size))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.attr, self.algorithm = post_op
+        self.handle = opaque_ops.register(self)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], self.algorithm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], self.algorithm)
+        if torch.compiler.is_compiling():  # inside a compiled step: an opaque operator (compiled_step.py)
+            return opaque_ops.packed_linear(x, self.handle)
+        return self.product(x)
 
     def with_post_op(self, post_op: tuple[str, str]) -> PackedLinear:
         fused = PackedLinear.__new__(PackedLinear)
@@ -73,6 +82,7 @@ class PackedLinear(nn.Module):
         fused.register_buffer("weight", self.weight)
         fused.register_buffer("bias", self.bias)
         fused.attr, fused.algorithm = post_op
+        fused.handle = opaque_ops.register(fused)
         return fused
 
 
@@ -110,7 +120,7 @@ _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class _SharedOutput:
     """The fused product of the last input, until every sibling has taken its slice (then dropped)."""
 
-    def __init__(self, fused: PackedLinear, siblings: int):
+    def __init__(self, fused: PackedLinear | Int8Linear, siblings: int):
         self.fused, self.siblings = fused, siblings
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
@@ -147,13 +157,19 @@ def _share(parent: nn.Module, names: tuple[str, ...], batch_size: int, dtype: to
     """Replace ``parent``'s sibling ``nn.Linear``s ``names`` by slices of one packed product, if they take the same input
     size and agree on bias, and the parent's output is unchanged on a probe input."""
     linears = [getattr(parent, name, None) for name in names]
-    if not all(type(m) is nn.Linear and m.weight.dtype == dtype for m in linears):
+    if all(isinstance(m, Int8Linear) for m in linears):
+        fused = concatenate(linears)  # one int8 product (same input, same smoothing)
+    elif all(type(m) is nn.Linear and m.weight.dtype == dtype for m in linears):
+        if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+            return False
+        weight = torch.cat([m.weight for m in linears])
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+        fused = PackedLinear(weight, bias, batch_size)
+    else:
         return False
-    if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+    if fused is None:
         return False
-    weight = torch.cat([m.weight for m in linears])
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    shared = _SharedOutput(PackedLinear(weight, bias, batch_size), len(names))
+    shared = _SharedOutput(fused, len(names))
     probe = torch.randn(4, linears[0].in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     expected = [m(probe).float() for m in linears]
     start = 0

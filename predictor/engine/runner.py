@@ -19,6 +19,7 @@ decoded together.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -30,9 +31,12 @@ from ..loading import ModelLoadError
 from ..onnx_model import OnnxModel
 from . import kv_cache, paged_ops
 from .attention import ATTN_IMPLEMENTATION, StepBatch
+from .compiled_step import CompiledDecode, compile_decode
 from .kv_cache import BLOCK_SIZE, LayerSpec, PagedKVCache
 from .lora import LoRAManager
 from .packing import can_pack, pack_model
+
+logger = logging.getLogger("kserve")
 
 # A prefill's flat row is padded up to a multiple of this many tokens, so that oneDNN meets few distinct
 # shapes: each new shape builds (and caches) new kernels, and unbounded shape variety grows memory with traffic.
@@ -80,7 +84,9 @@ class ModelRunner(ABC):
         """The sequence left (finished, cancelled or preempted); runners with per-sequence state drop it."""
 
 
-def make_runner(model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None) -> ModelRunner:
+def make_runner(
+    model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None, compile: bool = False
+) -> ModelRunner:
     if isinstance(model, OnnxModel):
         if lora is not None:
             raise ModelLoadError(lora_unsupported("an ONNX model, served by the ONNX runner"))
@@ -88,7 +94,7 @@ def make_runner(model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: 
     reason = PagedRunner.unsupported(model)
     if reason is None:
         try:
-            return PagedRunner(model, plan, max_num_seqs, device, lora)
+            return PagedRunner(model, plan, max_num_seqs, device, lora, compile)
         except UnsupportedModel as exc:
             reason = str(exc)
     if lora is not None:
@@ -130,7 +136,9 @@ class PagedRunner(ModelRunner):
             return "encoder-decoder models are not served by the paged runner"
         return None
 
-    def __init__(self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None):
+    def __init__(
+        self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None, compile: bool = False
+    ):
         self.model = model
         self.device = device
         self.lora = lora
@@ -154,13 +162,36 @@ class PagedRunner(ModelRunner):
         packed = pack_model(model, max_num_seqs, self.dtype) if can_pack(device, self.dtype) else (0, 0, 0)
         # Decode attention from the block pools by the C++ operator (built here, at start-up, if this machine has none).
         self.native_decode = device.type == "cpu" and self.dtype in paged_ops.DTYPES and paged_ops.available()
+        self.compiled: CompiledDecode | None = None
+        step = self._compile() if compile else "eager (--no_compile)"
         self.path = (
             f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
             f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "
             f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]}, shared products (q/k/v, gate/up): {packed[2]}; "
-            f"decode attention: {'native, from the block pools' if self.native_decode else 'gathered blocks + SDPA'}"
+            f"decode attention: {'native, from the block pools' if self.native_decode else 'gathered blocks + SDPA'}; decode step: {step}"
             + (f"; {lora.describe()})" if lora is not None else ")")
         )
+
+    def _compile(self) -> str:
+        """Compile the decode step (``compiled_step.py``) if this runner can; what the decode step is, for the log."""
+        if self.device.type != "cpu":
+            return "eager (the compiled step runs on CPU only so far)"
+        if not self.native_decode:
+            return "eager (the compiled step needs the native decode attention, which needs a C++ compiler)"
+        if self.lora is not None:
+            return "eager (LoRA adapters switch per row inside the step, which the compiled graph does not trace)"
+        self.compiled = CompiledDecode(self.model)
+        failure = compile_decode(self._warm_up)
+        if failure is None:
+            return "compiled (torch.compile, inductor)"
+        self.compiled = None
+        logger.warning("the decode step stays eager: compiling it failed with %s", failure)
+        return f"eager (compiling failed: {failure})"
+
+    def _warm_up(self) -> None:
+        """Two decode rows into the null block (block 0, scratch for padding): compiles the graph, writes nothing kept."""
+        self.decode([Chunk(-1, [0], 0, [0]), Chunk(-2, [0], 1, [0])])
+        self.decode([Chunk(-1, [0], 2, [0])])
 
     @torch.inference_mode()
     def _probe_layers(self) -> list[LayerSpec]:
@@ -186,6 +217,8 @@ class PagedRunner(ModelRunner):
         positions = torch.tensor([[p for c in chunks for p in range(c.start, c.start + len(c.tokens))] + list(range(pad))], device=self.device)
         if self.lora is not None:  # each token's row adapter, read by every LoRALinear of this forward
             self.lora.set_step([c.lora_slot for c in chunks for _ in c.tokens] + [0] * pad, keep, self.dtype, self.device)
+        if batch.decode and self.compiled is not None:
+            return self.compiled(ids, positions, keep, batch)
         out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep, step_batch=batch)
         return out.logits[0].float()  # (K, V)
 

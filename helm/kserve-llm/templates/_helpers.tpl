@@ -143,6 +143,10 @@ unset (null) follows the engine (vLLM serves HTTPS as KServe's presets do; this 
 {{- end -}}
 {{- end -}}
 {{- include "kserve-llm.validateLora" . -}}
+{{- $grace := int (include "kserve-llm.terminationGracePeriodSeconds" .) -}}
+{{- if ge (int .Values.preStopSleepSeconds) $grace -}}
+{{- fail (printf "preStopSleepSeconds (%v) must be less than the pods' terminationGracePeriodSeconds (%v, shutdownGracePeriod + 15): the kubelet kills the containers when the grace period ends, preStop sleep included, so no time would be left to drain; lower preStopSleepSeconds or raise shutdownGracePeriod" .Values.preStopSleepSeconds $grace) -}}
+{{- end -}}
 {{- if and .Values.tracing.enabled (not .Values.tracing.otlpEndpoint) -}}
 {{- fail "tracing.enabled needs tracing.otlpEndpoint, the collector's OTLP/HTTP traces URL (e.g. http://otel-collector.observability:4318/v1/traces)" -}}
 {{- end -}}
@@ -210,16 +214,79 @@ unset (null) follows the engine (vLLM serves HTTPS as KServe's presets do; this 
 {{- end }}
 {{- end -}}
 
-{{/* Hardened container security context (checked by tests inside the custom resources). */}}
+{{/* A map as YAML, the keys of .order first and in that order, then the others sorted; null values left out (Helm
+already drops a default a user sets to null). dict: map, order. */}}
+{{- define "kserve-llm.orderedYaml" -}}
+{{- $rest := dict -}}
+{{- range $k, $v := .map }}{{ if not (kindIs "invalid" $v) }}{{ $_ := set $rest $k $v }}{{ end }}{{ end -}}
+{{- $parts := list -}}
+{{- range .order -}}
+{{- if hasKey $rest . -}}
+{{- $parts = append $parts (toYaml (dict . (get $rest .)) | trim) -}}
+{{- $_ := unset $rest . -}}
+{{- end -}}
+{{- end -}}
+{{- if $rest -}}{{- $parts = append $parts (toYaml $rest | trim) -}}{{- end -}}
+{{- join "\n" $parts -}}
+{{- end -}}
+
+{{/* The container securityContext (containerSecurityContext without "enabled"; checked by tests inside the custom
+resources): the whole "securityContext:" entry, or nothing when disabled or empty. */}}
 {{- define "kserve-llm.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-runAsUser: 10001
-capabilities:
-  drop: [ALL]
-seccompProfile:
-  type: RuntimeDefault
+{{- $sc := .Values.containerSecurityContext -}}
+{{- if $sc.enabled -}}
+{{- with include "kserve-llm.orderedYaml" (dict "map" (omit $sc "enabled") "order" (list "allowPrivilegeEscalation" "readOnlyRootFilesystem" "runAsNonRoot" "runAsUser" "capabilities" "seccompProfile")) -}}
+securityContext:
+  {{- . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod securityContext entry (podSecurityContext without "enabled"), or nothing. dict: root, fsGroup (false: leave
+fsGroup out, as the helm test pod does without a Secret volume). */}}
+{{- define "kserve-llm.podSecurityContext" -}}
+{{- $sc := .root.Values.podSecurityContext -}}
+{{- if $sc.enabled -}}
+{{- $map := omit $sc "enabled" -}}
+{{- if not .fsGroup }}{{ $map = omit $map "fsGroup" }}{{ end -}}
+{{- with include "kserve-llm.orderedYaml" (dict "map" $map "order" (list "runAsNonRoot" "runAsUser" "fsGroup" "seccompProfile")) -}}
+securityContext:
+  {{- . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ServiceAccount of the serving pods: serviceAccount.name, or the full name when the chart renders it; empty
+(the namespace's default) otherwise. */}}
+{{- define "kserve-llm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "kserve-llm.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pods' terminationGracePeriodSeconds: the predictor's drain plus 15 s. */}}
+{{- define "kserve-llm.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.shutdownGracePeriod) 15 -}}
+{{- end -}}
+
+{{/* The preStop sleep of a serving container (preStopSleepSeconds; none when 0): the pod leaves the Service's
+endpoints, the Gateway's routes and llm-d's InferencePool before SIGTERM starts the drain. */}}
+{{- define "kserve-llm.lifecycle" -}}
+{{- with int .Values.preStopSleepSeconds -}}
+lifecycle:
+  preStop:
+    exec:
+      command: [sleep, {{ . | quote }}]
+{{- end -}}
+{{- end -}}
+
+{{/* llm-d's role label of an LLMInferenceService's pods (llm-d.ai/role, as KServe and llm-d's scheduler spell it):
+prefill pods "prefill", the main (decode) pods "decode" beside them and "both" when prefill is not disaggregated.
+dict: root, role (main or prefill). */}}
+{{- define "kserve-llm.llmdRole" -}}
+{{- if eq .role "prefill" -}}prefill{{- else if .root.Values.llmisvc.prefill.enabled -}}decode{{- else -}}both{{- end -}}
 {{- end -}}
 
 {{/* Resources with the GPU count added. */}}
@@ -438,17 +505,17 @@ livenessProbe:
 {{/* Pod-level settings shared by every serving pod (predictor, Ray worker, LLMInferenceService template, prefill,
 worker): the pod security context, scheduling and the /tmp and /dev/shm volumes. */}}
 {{- define "kserve-llm.podSpec" -}}
-terminationGracePeriodSeconds: {{ add (int .Values.shutdownGracePeriod) 15 }}
-{{- if not (and (eq .Values.kind "LLMInferenceService") .Values.llmisvc.prefill.enabled) }}
-{{- /* Disaggregated decode pods run llm-d's routing sidecar under the ServiceAccount KServe binds for it. */}}
-automountServiceAccountToken: false
+terminationGracePeriodSeconds: {{ include "kserve-llm.terminationGracePeriodSeconds" . }}
+{{- with include "kserve-llm.serviceAccountName" . }}
+serviceAccountName: {{ . }}
 {{- end }}
-securityContext:
-  runAsNonRoot: true
-  runAsUser: 10001
-  fsGroup: 10001
-  seccompProfile:
-    type: RuntimeDefault
+{{- if not (and (eq .Values.kind "LLMInferenceService") .Values.llmisvc.prefill.enabled) }}
+{{- /* Disaggregated decode pods run llm-d's routing sidecar, which needs the token (kserve-llm.llmisvcPod). */}}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+{{- end }}
+{{- with include "kserve-llm.podSecurityContext" (dict "root" . "fsGroup" true) }}
+{{ . }}
+{{- end }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -580,8 +647,14 @@ merges it over its LLMInferenceServiceConfig presets by name (main), so command 
   {{- end }}
   resources:
     {{- include "kserve-llm.resources" .root | nindent 4 }}
-  securityContext:
-    {{- include "kserve-llm.containerSecurityContext" .root | nindent 4 }}
+  {{- with include "kserve-llm.containerSecurityContext" .root }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- if ne .role "worker" }}
+  {{- with include "kserve-llm.lifecycle" .root }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- end }}
   {{- if eq .role "worker" }}
   {{- include "kserve-llm.rayWorkerProbes" (dict "root" .root "head" "\"${LWS_LEADER_ADDRESS}:6379\"") | nindent 2 }}
   {{- else }}
@@ -594,6 +667,11 @@ merges it over its LLMInferenceServiceConfig presets by name (main), so command 
 {{/* A pod of an LLMInferenceService (template, prefill.template or worker). dict: root, role, port. */}}
 {{- define "kserve-llm.llmisvcPod" -}}
 {{- include "kserve-llm.podSpec" .root }}
+{{- if and (eq .role "main") .root.Values.llmisvc.prefill.enabled (include "kserve-llm.serviceAccountName" .root) }}
+{{- /* llm-d's routing sidecar on the decode pods reads the API with this token; KServe binds its Role to the
+ServiceAccount named here, whose own automountServiceAccountToken may be false. */}}
+automountServiceAccountToken: true
+{{- end }}
 {{- with .root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}

@@ -1,0 +1,89 @@
+"""The decode step as one compiled graph: ``torch.compile`` (inductor's CPU backend) over the model's forward.
+
+A decode step runs one token per sequence through every layer: on a 135 M-parameter model that is ~1,200
+small tensor operations, and eager PyTorch spends as long dispatching them from Python as the CPU spends on
+the matrix products (profiled on SmolLM2 at batch 1). Compiled, the elementwise work between the products
+(norms, rotary embeddings, residual adds, the gated activation) becomes a few fused C++ loops, and Python runs
+once per step instead of once per operation.
+
+What the graph holds:
+- the model's own modules, traced by dynamo;
+- decode attention as the native operator ``kserve_llm::paged_decode_attention`` (``paged_ops.py``, with a fake
+  implementation for tracing), which reads the block pools in place, and the KV-cache writes (``index_copy_``
+  into the pools, which inductor keeps in place);
+- the oneDNN-packed projections (``packing.py``) as the opaque operator ``kserve_llm::packed_linear``, and the int8
+  ones' fbgemm products (``quantized.py``) as ``kserve_llm::int8_linear``: inductor cannot take oneDNN's packed
+  weight tensors or fbgemm's packed parameters as graph inputs, so each module is looked up by a handle (an int
+  constant of the graph) and called as in eager mode; the int8 projections' per-row scaling around the product
+  is traced, and fused.
+
+The token dimension is marked *unbacked* (``mark_unbacked``): one graph serves every batch size, 1 included (a
+plain dynamic dimension is specialised at sizes 0 and 1, which would compile twice), so traffic never
+recompiles. The block-table width is unbacked as well. Prefill stays eager: its shapes vary with every prompt and
+its time goes to large matrix products, where Python's share is small.
+
+The graph is compiled at start-up, before the server is ready (``warm_up``: one step on the null block), with
+inductor's caches under ``$KSERVE_LLM_CACHE/inductor`` so that a restart on the same machine reuses the compiled
+code. Anything that fails while compiling leaves the runner eager, and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..build_once import cache_root
+
+if TYPE_CHECKING:
+    from .attention import StepBatch
+
+logger = logging.getLogger("kserve")
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else under the project's cache."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+inductor_cache_dir()  # at import, before inductor first asks (it then sets its own default under /tmp)
+
+
+class CompiledDecode:
+    """``model``'s forward for decode steps, compiled: ``(ids (1, B), positions (1, B), keep (B,), batch) → logits (B, V)``."""
+
+    def __init__(self, model: nn.Module):
+        inductor_cache_dir()
+        self.model = model
+        self._step = torch.compile(self._forward, dynamic=True)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep, step_batch=batch)
+        return out.logits[0].float()
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        mark_unbacked = torch._dynamo.decorators.mark_unbacked
+        for tensor in (ids, positions):
+            mark_unbacked(tensor, 1)
+        for tensor in (keep, batch.slots, batch.context_lens, batch.last_positions):
+            mark_unbacked(tensor, 0)
+        mark_unbacked(batch.block_tables, 0)
+        mark_unbacked(batch.block_tables, 1)
+        return self._step(ids, positions, keep, batch)
+
+
+def compile_decode(warm_up: Callable[[], object]) -> str | None:
+    """Run ``warm_up`` (a decode step through the compiled graph); None when it compiled, else why it did not."""
+    started = time.monotonic()
+    logger.info("compiling the decode step (torch.compile, inductor; cache %s): about a minute on 2 cores the first time", inductor_cache_dir())
+    try:
+        warm_up()
+    except Exception as exc:  # any compiler failure only costs the compiled path
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{type(exc).__name__}: {first[:300]}"
+    logger.info("decode step compiled in %.1f s", time.monotonic() - started)
+    return None

@@ -1,0 +1,95 @@
+"""The compiled decode step (``predictor/engine/compiled_step.py``): torch.compile over the paged runner's forward.
+
+- served with ``--compile`` (the server's default; the other tests pass ``--no_compile``), greedy output equals
+  ``model.generate`` in float32, alone and batched, for a Llama-shaped and a GPT-2 model;
+- one graph serves every batch size and block-table width: no recompiles as traffic changes shape;
+- a model whose step fails to compile is served eagerly, and the runner says why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import start_server, stop_server
+from test_model_families import build_model, complete, reference, token_prompts
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from predictor.engine import compiled_step, paged_ops
+from predictor.engine.runner import Chunk, KVPlan, PagedRunner
+
+pytestmark = pytest.mark.skipif(not paged_ops.available(), reason="the compiled step needs a C++ compiler (native paged operators)")
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_compiled_server_greedy_equals_generate_alone_and_batched(kind, models_root, tiny_model_dir, tmp_path):
+    model_dir = build_model(kind, models_root / kind, tiny_model_dir)
+    prompts = token_prompts(AutoConfig.from_pretrained(model_dir).vocab_size)
+    expected = reference(model_dir, prompts)
+    server = start_server(model_dir, tmp_path, "--compile", "--max_num_seqs", "8", name="m", timeout=300)
+    try:
+        log = server.read_log()
+        assert "decode step: compiled (torch.compile, inductor)" in log, log[-2000:]
+        assert "decode step compiled in" in log
+        assert complete(server.url, prompts, together=False) == expected
+        assert complete(server.url, prompts, together=True) == expected
+    finally:
+        stop_server(server)
+
+
+def _runner(model_dir, compile: bool) -> PagedRunner:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return PagedRunner(model, KVPlan(None, 4096), 8, torch.device("cpu"), compile=compile)
+
+
+def _steps(runner: PagedRunner, batch_sizes: list[int], vocab: int) -> list[torch.Tensor]:
+    """Prefill B sequences of different lengths, then decode them a few steps; the decode logits of each step."""
+    g = torch.Generator().manual_seed(0)
+    out, next_block = [], 1
+    for B in batch_sizes:
+        lengths = [5 + 11 * i for i in range(B)]  # block tables of different widths (16 positions per block)
+        blocks = []
+        for n in lengths:
+            blocks.append(list(range(next_block, next_block + n // 16 + 2)))
+            next_block += n // 16 + 2
+        chunks = [Chunk(100 + i, torch.randint(0, vocab, (n,), generator=g).tolist(), 0, b) for i, (n, b) in enumerate(zip(lengths, blocks))]
+        runner.prefill(chunks)
+        positions = list(lengths)
+        for _ in range(3):
+            logits = runner.decode([Chunk(100 + i, [int(torch.randint(0, vocab, (1,), generator=g))], p, b) for i, (p, b) in enumerate(zip(positions, blocks))])
+            out.append(logits)
+            positions = [p + 1 for p in positions]
+    return out
+
+
+def test_one_graph_serves_every_batch_size_with_eager_logits(models_root, tiny_model_dir):
+    model_dir = build_model("llama", models_root / "llama", tiny_model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    eager = _steps(_runner(model_dir, compile=False), [1, 3, 5, 2], vocab)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runner = _runner(model_dir, compile=True)
+    assert runner.compiled is not None, runner.path
+    compiled = _steps(runner, [1, 3, 5, 2], vocab)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+    for e, c in zip(eager, compiled):
+        assert e.shape == c.shape
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+        assert torch.equal(c.argmax(-1), e.argmax(-1))
+
+
+def test_a_step_that_fails_to_compile_is_served_eagerly_and_says_why(models_root, tiny_model_dir, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("inductor could not lower this graph")
+
+    monkeypatch.setattr(compiled_step.CompiledDecode, "_forward", broken)
+    model_dir = build_model("llama", models_root / "llama", tiny_model_dir)
+    runner = _runner(model_dir, compile=True)
+    assert runner.compiled is None
+    assert "decode step: eager (compiling failed: RuntimeError: inductor could not lower this graph)" in runner.path
+    logits = _steps(runner, [2], AutoConfig.from_pretrained(model_dir).vocab_size)
+    assert all(torch.isfinite(x).all() for x in logits)
