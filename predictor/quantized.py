@@ -242,7 +242,7 @@ def save(model: PreTrainedModel, names: list[str], output_dir: Path, source: str
             tensors.setdefault(key, value.detach().contiguous())
     # Shared tensors (a tied LM head) are stored once each; safetensors refuses aliases.
     save_file({k: v.clone() for k, v in tensors.items()}, str(output_dir / WEIGHTS), metadata={"format": "pt"})
-    if any(n in quantized for n in ("lm_head",)):
+    if "lm_head" in quantized:
         model.config.tie_word_embeddings = False  # an int8 head no longer shares the embedding
     model.config.save_pretrained(output_dir)
     manifest = {

@@ -419,3 +419,27 @@ def test_cast_to_bfloat16_halves_the_weights_and_is_served(tiny_model_dir, tmp_p
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     finally:
         stop_server(server)
+
+
+def test_evaluate_model_specs_name_a_dtype_or_default_to_float32():
+    from pipelines.evaluate import split_spec
+
+    assert split_spec("/m/smollm2") == ("/m/smollm2", "float32")
+    assert split_spec("/m/smollm2@bfloat16") == ("/m/smollm2", "bfloat16")
+    assert split_spec("/m/v@2") == ("/m/v@2", "float32")  # not a dtype: part of the directory name
+    with pytest.raises(FileNotFoundError, match="not a model directory: /nonexistent@bfloat16"):
+        evaluate(["/nonexistent@bfloat16"], __file__, "/tmp/unused-report")
+
+
+def test_an_int8_model_runs_its_float_parts_in_bfloat16_and_keeps_int8_in_float32(variants):
+    from predictor.loading import ModelLoadError, load_model
+
+    loaded = load_model(variants["int8"], dtype="bfloat16", device="cpu")
+    assert loaded.dtype == torch.bfloat16 and "int8 projections" in loaded.dtype_reason
+    assert loaded.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    layer = next(m for m in loaded.model.modules() if isinstance(m, quantized.Int8Linear))
+    assert layer.smooth.dtype == torch.float32
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="int8 model: it runs on CPU, its float parts in float32 or bfloat16"):
+        load_model(variants["int8"], dtype="float16", device="cpu")

@@ -1,10 +1,12 @@
 """The decode step as one compiled graph: ``torch.compile`` (inductor's CPU backend) over the model's forward.
 
-A decode step runs one token per sequence through every layer: on a 135 M-parameter model that is ~1,200
-small tensor operations, and eager PyTorch spends as long dispatching them from Python as the CPU spends on
-the matrix products (profiled on SmolLM2 at batch 1). Compiled, the elementwise work between the products
-(norms, rotary embeddings, residual adds, the gated activation) becomes a few fused C++ loops, and Python runs
-once per step instead of once per operation.
+A decode step runs one token per sequence through every layer: on SmolLM2 (30 layers) about 1,200 small tensor
+operations, each dispatched from Python in eager mode. Compiled, the elementwise work between the matrix products
+(norms, rotary embeddings, residual adds, the gated activation) becomes a few fused C++ loops, and Python runs once
+per step. Measured on an AMD EPYC (2 cores, bfloat16 SmolLM2, median step, idle machine): 18.9 ms compiled
+against 20.8 ms eager at batch 16 (1.10x), but 14.0 against 12.4 ms at batch 1 (0.88x): dynamo's guard check
+(~1.5 ms a step) and the opaque operators' Python calls cost more than the fusion saves there. So the server
+compiles only with ``--compile``.
 
 What the graph holds:
 - the model's own modules, traced by dynamo;

@@ -6,8 +6,9 @@ than ``addmm`` (see the README's benchmark section); fusing the MLP's activation
 projection saves one pass over the widest activations. These are the oneDNN operators
 ``torch.compile`` itself emits for frozen linear layers on CPU.
 
-Every float32 or bfloat16 ``nn.Linear`` and GPT-2 ``Conv1D`` is packed (q/k/v/o, MLP, LM head); quantized or
-other modules are left as they are. bfloat16 is packed only where oneDNN runs it natively (AMX or AVX512-BF16:
+Every float32 or bfloat16 ``nn.Linear`` and GPT-2 ``Conv1D`` is packed (q/k/v/o, MLP, LM head); other modules are
+left as they are, except that int8 siblings (``quantized.Int8Linear``, one smoothing vector) are shared as one product
+too. bfloat16 is packed only where oneDNN runs it natively (AMX or AVX512-BF16:
 ``loading.resolve_dtype`` chooses bfloat16 there); there the packed bfloat16 products measured 1.6-2.8x the packed
 float32 ones on this project's AMD EPYC (decode shapes of SmolLM2, batch 1 and 16). Activation fusion is tried on the MLP shapes the field uses (GPT-2's
 ``c_fc → act``, GPT-NeoX's ``dense_h_to_4h → act``, the gated ``act_fn(gate_proj(x)) * up_proj(x)``)
