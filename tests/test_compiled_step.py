@@ -1,7 +1,7 @@
 """The compiled decode step (``predictor/engine/compiled_step.py``): torch.compile over the paged runner's forward.
 
-- served with ``--compile`` (the server's default; the other tests pass ``--no_compile``), greedy output equals
-  ``model.generate`` in float32, alone and batched, for a Llama-shaped and a GPT-2 model;
+- served with ``--compile`` (off by default; tests/conftest passes ``--no_compile`` unless a test asks), greedy output
+  equals ``model.generate`` in float32, alone and batched, for a Llama-shaped and a GPT-2 model (slow: ``make test-slow``);
 - one graph serves every batch size and block-table width: no recompiles as traffic changes shape;
 - a model whose step fails to compile is served eagerly, and the runner says why.
 """
@@ -25,6 +25,7 @@ def models_root(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled")
 
 
+@pytest.mark.slow  # two servers compiling: ~40 s; `make test-slow` (CI) runs it
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_compiled_server_greedy_equals_generate_alone_and_batched(kind, models_root, tiny_model_dir, tmp_path):
     model_dir = build_model(kind, models_root / kind, tiny_model_dir)

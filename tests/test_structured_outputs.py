@@ -477,6 +477,22 @@ def test_check_schema_names_what_is_wrong(schema, words):
         check_schema(schema)
 
 
+def test_a_deep_pattern_is_refused_whatever_the_recursion_limit(monkeypatch):
+    """torch.compile raises the process's recursion limit (inductor: 2,000); the pattern check must not depend on it."""
+    import sys
+
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(20000)
+        with pytest.raises(ValueError, match="pattern nested too deeply"):
+            check_schema({"type": "string", "pattern": "(" * 150 + ")" * 150})
+        with pytest.raises(ValueError, match="pattern nested too deeply"):
+            check_schema({"type": "object", "patternProperties": {"(" * 150 + "a" + ")" * 150: {}}})
+    finally:
+        sys.setrecursionlimit(limit)
+    check_schema({"type": "string", "pattern": "^(a(b[()])|\\(c\\))+$"})  # shallow, escaped and bracketed parentheses: fine
+
+
 def test_a_schema_nested_thousands_deep_is_a_clean_error(tiny_compiler):
     deep: dict = {}
     inner = deep

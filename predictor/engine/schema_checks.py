@@ -14,6 +14,9 @@ from urllib.parse import unquote
 # Hostile schemas. A schema nested deeper than this is refused before anything recurses over it (jsonschema's checker
 # recurses ~7 Python frames per level and overflows at ~150; llguidance's JSON reader stops at 128).
 MAX_SCHEMA_DEPTH = 64
+# Groups a pattern may nest: Python's regex parser recurses per group, so how deep it can go depends on the process's
+# recursion limit, which torch.compile raises (inductor sets it to 2,000): counted here instead, the same everywhere.
+MAX_PATTERN_DEPTH = 100
 # llguidance builds a divisibility automaton per distinct multipleOf whose cost grows with the divisor's digits read as
 # an integer (0.03 s for 10,007, 0.6 s for 99,991, 193 s for 9,999,991): their sum over a schema is bounded.
 MAX_MULTIPLE_OF = 50_000
@@ -57,6 +60,11 @@ def _shape(schema: dict) -> tuple[int, set]:
         if depth > MAX_SCHEMA_DEPTH:
             break
         if isinstance(value, dict):
+            patterns = [value["pattern"]] if isinstance(value.get("pattern"), str) else []
+            if isinstance(value.get("patternProperties"), dict):
+                patterns += list(value["patternProperties"])
+            if any(_group_depth(p) > MAX_PATTERN_DEPTH for p in patterns):
+                raise ValueError("the schema has a pattern nested too deeply to check")
             multiple = value.get("multipleOf")
             if isinstance(multiple, int | float) and not isinstance(multiple, bool):
                 multiples.add(multiple)
@@ -64,6 +72,27 @@ def _shape(schema: dict) -> tuple[int, set]:
         elif isinstance(value, list):
             stack.extend((child, depth + 1) for child in value if isinstance(child, dict | list))
     return deepest, multiples
+
+
+def _group_depth(pattern: str) -> int:
+    """How deeply ``pattern``'s groups nest (escaped parentheses and ones inside [...] not counted)."""
+    depth = deepest = 0
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _multiple_of_units(value: float) -> int:
