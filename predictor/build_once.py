@@ -20,6 +20,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("KSERVE_LLM_CACHE", Path.home() / ".cache" / "kserve-llm"))
 
 
+def inductor_cache_dir() -> str:
+    """Where inductor keeps compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``inductor/`` under ``cache_root()``."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def build_once(path: Path, build: Callable[[Path], None], done: Callable[[Path], bool]) -> Path:
     """``path`` if ``done(path)``; else ``build(tmp)`` into a temporary directory that then becomes ``path``."""
     if done(path):

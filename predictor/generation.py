@@ -1,7 +1,10 @@
 """Between the protocol adapters and the engine: checked prompts in, finished or streamed completions out.
 
-Every protocol tokenizes and checks its prompts here, so the limits (context length, ``max_tokens``)
-and their error messages are the same on every route.
+Every protocol adapter (OpenAI completions and chat, KServe V1, Open Inference V2 infer, V2 generate) follows one
+recipe, ``Generation.prepare``: resolve the ``model`` name, tokenize (or render the chat template), check the
+prompt and ``max_tokens`` against the limits, fill the model's sampling defaults, expand ``n`` choices, compile
+the output grammar and build the engine requests. So the limits and their error messages are the same on every
+route, and an adapter only translates its wire format; it never touches the loaded model itself.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from jinja2 import TemplateError
 
@@ -19,7 +23,7 @@ from .engine.structured import GrammarCompiler
 from .errors import ClientDisconnected, InvalidRequest
 from .loading import LoadedModel
 from .request_context import current_request_id, current_trace_carrier
-from .sampling import GenerationRequest, SamplingParams, StepOutput, TokenLogprob
+from .sampling import GenerationRequest, GrammarSpec, SamplingParams, StepOutput, TokenLogprob, seed_for_choice
 
 # max_tokens when a non-chat request gives none (the OpenAI completions default).
 DEFAULT_MAX_TOKENS = 16
@@ -27,6 +31,42 @@ DEFAULT_MAX_TOKENS = 16
 SMALL_STOP_CHARS = 1024
 
 Disconnected = Callable[[], Awaitable[bool]]
+
+
+class SamplingSource(Protocol):
+    """A protocol request's sampling fields (``protocols.schema.SamplingFields``): engine parameters, given the
+    checked ``max_tokens`` and the model's sampling defaults for the fields the request leaves unset."""
+
+    def sampling_params(self, max_tokens: int, defaults: dict[str, float], logprobs: int | None = None, logit_bias: dict | None = None) -> SamplingParams: ...
+
+
+@dataclass
+class ChatPrompt:
+    """A chat conversation as a prompt: rendered with the model's chat template (``tools`` passed to it)."""
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+    add_generation_prompt: bool = True
+
+
+Prompt = str | list[int] | ChatPrompt
+
+
+@dataclass
+class Prepared:
+    """The engine requests of one protocol request: each prompt's token ids, and its choices as (index, request),
+    prompt by prompt (prompt i's choice j has index ``first_index + i * n + j``)."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    jobs: list[tuple[int, GenerationRequest]] = field(default_factory=list)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [request for _, request in self.jobs]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompt_ids))
 
 
 @dataclass
@@ -53,7 +93,8 @@ class Completion:
 class Generation:
     """The model's tokenizer and limits plus its engine: what every protocol adapter calls."""
 
-    def __init__(self, loaded: LoadedModel, engine: Engine):
+    def __init__(self, loaded: LoadedModel, engine: Engine, served_name: str):
+        self.served_name = served_name
         self.attach(loaded, engine)
 
     def attach(self, loaded: LoadedModel, engine: Engine) -> None:
@@ -75,16 +116,16 @@ class Generation:
             raise InvalidRequest("the prompt is empty", param=param)
         return ids
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(self, chat: ChatPrompt) -> list[int]:
         """Render the chat template (the model's, or the documented fallback) and tokenize it.
 
         ``tools`` go to the template as ``tools=`` (only for templates that use them; see
         ``protocols/tool_calls.py``). A template that refuses the conversation (``raise_exception``) is a 400.
         """
-        extra = {"tools": tools} if tools else {}
+        extra = {"tools": chat.tools} if chat.tools else {}
         try:
             text = self.loaded.tokenizer.apply_chat_template(
-                messages, chat_template=self.loaded.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
+                chat.messages, chat_template=self.loaded.chat_template, add_generation_prompt=chat.add_generation_prompt, tokenize=False, **extra
             )
         except TemplateError as exc:
             raise InvalidRequest(f"the model's chat template refused these messages: {exc}", param="messages") from None
@@ -131,23 +172,55 @@ class Generation:
         lora = self.engine.lora
         return {name: a for name, a in lora.adapters.items() if name not in lora.unloading} if lora is not None else {}
 
-    def adapter_for(self, model: str, served_name: str) -> str | None:
-        """The LoRA adapter a request's ``model`` names, None for the base model (``served_name``); any other name is a 404."""
-        if model == served_name:
+    def resolve_model(self, model: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names, None for the base model (the served name); any other name is a 404."""
+        if model == self.served_name:
             return None
         if model not in self.lora_adapters:
-            served = ", ".join(f"'{n}'" for n in [served_name, *self.lora_adapters])
+            served = ", ".join(f"'{n}'" for n in [self.served_name, *self.lora_adapters])
             raise InvalidRequest(f"the model '{model}' does not exist; this server serves {served}", param="model", status=404, code="model_not_found")
         return model
 
-    async def request(
-        self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False, lora: str | None = None, index: int = 0
-    ) -> GenerationRequest:
-        """The engine request for one sequence (choice ``index`` of the HTTP request): parameters checked, its output
+    async def prepare(
+        self,
+        prompts: list[Prompt],
+        fields: SamplingSource,
+        *,
+        max_tokens: int | None,
+        default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        model: str | None = None,
+        n: int = 1,
+        first_index: int = 0,
+        param: str = "prompt",
+        logprobs: int | None = None,
+        logit_bias: dict | None = None,
+        prompt_logprobs: bool = False,
+        structured: GrammarSpec | None = None,
+    ) -> Prepared:
+        """The recipe every protocol adapter follows, from its parsed request to engine requests, in the order its
+        errors are reported: ``model`` resolved to the base model or a LoRA adapter (None: the base model); each
+        prompt tokenized (``param`` names it in errors) and checked with ``max_tokens`` against the limits
+        (``default_max_tokens`` when the request gives none; None there means 'the rest of the context');
+        ``n`` choices per prompt, choice j of a seeded request seeded ``seed + j``; sampling defaults filled."""
+        lora = None if model is None else self.resolve_model(model)
+        prepared = Prepared()
+        for i, prompt in enumerate(prompts):
+            ids = self.chat_prompt(prompt) if isinstance(prompt, ChatPrompt) else self.encode(prompt, param)
+            limit = self.max_tokens(ids, max_tokens, default_max_tokens)
+            prepared.prompt_ids.append(ids)
+            for j in range(n):
+                params = fields.sampling_params(limit, self.loaded.sampling_defaults, logprobs, logit_bias)
+                params.structured = structured
+                if params.seed is not None:
+                    params.seed = seed_for_choice(params.seed, j)
+                index = first_index + i * n + j
+                prepared.jobs.append((index, await self._request(ids, params, prompt_logprobs, lora, index)))
+        return prepared
+
+    async def _request(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool, lora: str | None, index: int) -> GenerationRequest:
+        """The engine request for one sequence (choice ``index`` of the protocol request): parameters checked, its output
         grammar compiled (off the event loop; a bad one is a 400 before anything is queued)."""
         params.validate(self.loaded.vocab_size)
-        if lora is not None and lora not in self.lora_adapters:
-            raise InvalidRequest(f"the LoRA adapter '{lora}' does not exist", param="model", status=404, code="model_not_found")
         grammar = None
         if params.structured is not None:
             grammar = await self.grammars.compile_async(params.structured, params.structured.param)
@@ -202,3 +275,26 @@ class Generation:
 
     def token_text(self, token_id: int) -> str:
         return self.loaded.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+
+    def decode(self, ids: list[int], clean_up: bool | None = False) -> str:
+        """The text of token ids; ``clean_up``: the clean-up of spaces before punctuation (None: the tokenizer's default)."""
+        extra = {} if clean_up is None else {"clean_up_tokenization_spaces": clean_up}
+        return self.loaded.tokenizer.decode(ids, **extra)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """The tokenizer's own string for each token id (byte-level pieces, not decoded text)."""
+        return self.loaded.tokenizer.convert_ids_to_tokens(ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template in use (the model's, or the documented fallback); the tool-call format is read from it."""
+        return self.loaded.chat_template
+
+    @property
+    def max_model_len(self) -> int:
+        return self.loaded.max_model_len
+
+    @property
+    def base_model(self):
+        """The served model itself (a runtime LoRA adapter is checked against its projections)."""
+        return self.loaded.model

@@ -96,7 +96,7 @@ class LLMModel(kserve.Model):
         logger.info("model runner: %s", engine.runner.path)
         logger.info("prefix caching: %s", "on" if engine.scheduler.prefix_caching else "off")
         if self.generation is None:
-            self.generation = Generation(loaded, engine)
+            self.generation = Generation(loaded, engine, self.name)
         else:  # loaded again after an unload: the routes hold this Generation
             self.generation.attach(loaded, engine)
         problem = self.generation.grammars.prepare()

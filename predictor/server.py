@@ -313,12 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     app = fastapi_app()
     server = PredictorModelServer(model, args, api_keys, args.enable_repository_routes)
     server.install_routes(app)  # before KServe's own routes, which the REST server adds at start
-    openai_routes = openai.OpenAIRoutes(args.model_name, model.generation, tool_call_parser=args.tool_call_parser)
+    openai_routes = openai.OpenAIRoutes(model.generation, tool_call_parser=args.tool_call_parser)
     logger.info("tool call parser: %s (--tool_call_parser %s)", openai_routes.tool_call_parser, args.tool_call_parser)
     openai.register(app, openai_routes)
-    generate.register(app, generate.GenerateRoutes(args.model_name, model.generation))
-    tokenize.register(app, tokenize.TokenizeRoutes(args.model_name, model.generation))
-    lora_admin.register(app, lora_admin.LoRARoutes(args.model_name, model.generation, args.enable_lora_runtime_updates, args.max_lora_rank))
+    generate.register(app, generate.GenerateRoutes(model.generation))
+    tokenize.register(app, tokenize.TokenizeRoutes(model.generation))
+    lora_admin.register(app, lora_admin.LoRARoutes(model.generation, args.enable_lora_runtime_updates, args.max_lora_rank))
     # KServe logs "OpenAI endpoints not registered" about its own vLLM-based routes; these are ours.
     logger.info("OpenAI routes on /v1 and /openai/v1; V2 generate on /v2/models/%s/generate[_stream]", args.model_name)
     server.start([model])

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
-    from .engine.engine import Sequence
+    from .engine.request import Sequence
 
 
 SPAN_NAME = "llm_request"

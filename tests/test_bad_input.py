@@ -58,7 +58,7 @@ CASES = [
     (f"/v2/models/{M}/generate", {"text_input": ""}, 400, "empty"),
     (f"/v2/models/{M}/generate", {"text_input": "x", "parameters": {"wat": 1}}, 400, "wat"),
     (f"/v2/models/{M}/generate", b"[1, 2]", 400, "object"),
-    ("/v2/models/other/generate", {"text_input": "x"}, 404, "not found"),
+    ("/v2/models/other/generate", {"text_input": "x"}, 404, "does not exist"),  # one resolve_model for every route
     (f"/v2/models/{M}/generate_stream", {"text_input": "x", "parameters": {"max_tokens": 0}}, 400, "max_tokens"),
 ]
 

@@ -94,3 +94,16 @@ def test_a_step_that_fails_to_compile_is_served_eagerly_and_says_why(models_root
     assert "decode step: eager (compiling failed: RuntimeError: inductor could not lower this graph)" in runner.path
     logits = _steps(runner, [2], AutoConfig.from_pretrained(model_dir).vocab_size)
     assert all(torch.isfinite(x).all() for x in logits)
+
+
+def test_inductor_cache_goes_under_the_project_cache_whatever_imports_dynamo_first(tmp_path):
+    """torch._dynamo fixes inductor's cache directory when it is imported (its default is under /tmp, an emptyDir in a
+    pod); the predictor package sets it first, so a restart reuses the compiled step from ``$KSERVE_LLM_CACHE``."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, predictor.quantized, torch._dynamo; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"KSERVE_LLM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == str(tmp_path / "inductor")

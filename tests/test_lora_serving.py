@@ -116,6 +116,13 @@ def test_rows_of_one_batch_use_their_own_adapters_and_match_merged_generate(llam
         assert {c.model for c in chunks} == {"b"}
         tokenized = httpx.post(f"{server.url}/tokenize", json={"model": "a", "prompt": "hello"}, timeout=10)
         assert tokenized.status_code == 200, tokenized.text
+        # V2 generate resolves its path's model name as the OpenAI routes do (one resolve_model): an adapter is served
+        text = {m: client.completions.create(model=m, prompt="hello", max_tokens=6, temperature=0).choices[0].text for m in ("m", "a")}
+        generated = httpx.post(f"{server.url}/v2/models/a/generate", json={"text_input": "hello", "parameters": {"max_tokens": 6, "temperature": 0}}, timeout=30)
+        assert generated.status_code == 200, generated.text
+        assert generated.json()["text_output"] == text["a"] != text["m"] and generated.json()["model_name"] == "a"
+        missing = httpx.post(f"{server.url}/v2/models/c/generate", json={"text_input": "hello"}, timeout=10)
+        assert missing.status_code == 404 and "'a'" in missing.text
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert 'vllm:lora_requests_info{max_lora="2"' in metrics
     finally:

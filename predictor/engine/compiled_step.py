@@ -32,7 +32,6 @@ code. Anything that fails while compiling leaves the runner eager, and the log s
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -40,26 +39,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..build_once import cache_root
+from ..build_once import inductor_cache_dir
 
 if TYPE_CHECKING:
     from .attention import StepBatch
 
 logger = logging.getLogger("kserve")
 
-def inductor_cache_dir() -> str:
-    """Where inductor keeps compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else under the project's cache."""
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-
-
-inductor_cache_dir()  # at import, before inductor first asks (it then sets its own default under /tmp)
-
-
 class CompiledDecode:
     """``model``'s forward for decode steps, compiled: ``(ids (1, B), positions (1, B), keep (B,), batch) → logits (B, V)``."""
 
     def __init__(self, model: nn.Module):
-        inductor_cache_dir()
         self.model = model
         self._step = torch.compile(self._forward, dynamic=True)
 

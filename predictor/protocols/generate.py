@@ -20,13 +20,11 @@ from .sse import event_stream, sse
 
 
 class GenerateRoutes:
-    def __init__(self, model_name: str, generation: Generation):
-        self.model_name = model_name
+    def __init__(self, generation: Generation):
         self.gen = generation
 
     async def _request(self, model_name: str, raw: bytes) -> GenerationRequest:
-        if model_name != self.model_name:
-            raise InvalidRequest(f"model {model_name} is not found", status=404)
+        """The engine request of a generate body; ``model_name`` (the path's) is the served model or a LoRA adapter."""
         data = parse_json(raw)
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
@@ -38,14 +36,13 @@ class GenerateRoutes:
             body = GenerateRequest.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc) from None
-        ids = self.gen.encode(body.text_input, param="text_input")
-        max_tokens = self.gen.max_tokens(ids, body.parameters.max_tokens)
-        return await self.gen.request(ids, body.parameters.sampling_params(max_tokens, self.gen.loaded.sampling_defaults))
+        prepared = await self.gen.prepare([body.text_input], body.parameters, max_tokens=body.parameters.max_tokens, model=model_name, param="text_input")
+        return prepared.requests[0]
 
     async def generate(self, model_name: str, request: Request) -> dict:
         (done,) = await self.gen.complete_all([await self._request(model_name, await request.body())], request.is_disconnected)
         return {
-            "model_name": self.model_name,
+            "model_name": model_name,
             "model_version": None,
             "text_output": done.text,
             "finish_reason": done.finish_reason,
@@ -57,7 +54,7 @@ class GenerateRoutes:
 
         async def events() -> AsyncIterator[str]:
             async for out in seq.stream():
-                event = {"model_name": self.model_name, "model_version": None, "text_output": out.text}
+                event = {"model_name": model_name, "model_version": None, "text_output": out.text}
                 if out.finish_reason is not None:
                     event["finish_reason"] = out.finish_reason
                 yield sse(event)

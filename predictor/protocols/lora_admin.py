@@ -32,8 +32,7 @@ class UnloadLoRARequest(_Strict):
 
 
 class LoRARoutes:
-    def __init__(self, model_name: str, generation: Generation, enabled: bool, max_rank: int):
-        self.model_name = model_name
+    def __init__(self, generation: Generation, enabled: bool, max_rank: int):
         self.gen = generation
         self.enabled = enabled
         self.max_rank = max_rank
@@ -46,14 +45,14 @@ class LoRARoutes:
         self._check_enabled()
         body = parse(LoadLoRARequest, await request.body())
         name = body.lora_name
-        if not name or name == self.model_name:
-            raise InvalidRequest(f"lora_name must be a name other than the served model's ('{self.model_name}')", param="lora_name")
+        if not name or name == self.gen.served_name:
+            raise InvalidRequest(f"lora_name must be a name other than the served model's ('{self.gen.served_name}')", param="lora_name")
         if name in self.gen.engine.lora.adapters:
             raise InvalidRequest(f"the LoRA adapter '{name}' has already been loaded", param="lora_name")
         where = f"lora_name {name}, lora_path {body.lora_path}"
         try:  # reading and checking the files: off the event loop
             lora = self.gen.engine.lora
-            adapter = await asyncio.to_thread(load_adapter, name, Path(body.lora_path), self.gen.loaded.model, self.max_rank, where, lora.digests)
+            adapter = await asyncio.to_thread(load_adapter, name, Path(body.lora_path), self.gen.base_model, self.max_rank, where, lora.digests)
             self.gen.engine.add_lora(adapter, where)
         except LoRAError as exc:
             raise InvalidRequest(str(exc), param="lora_path") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -17,9 +17,9 @@ from fastapi.responses import StreamingResponse
 
 from ..engine import Sequence
 from ..errors import InvalidRequest, PredictorError
-from ..generation import Completion, Generation
+from ..generation import ChatPrompt, Completion, Generation, Prepared
 from ..request_context import current_request_id
-from ..sampling import GenerationRequest, GrammarSpec, StepOutput, TokenLogprob, seed_for_choice
+from ..sampling import GenerationRequest, GrammarSpec, StepOutput, TokenLogprob
 from . import tool_calls
 from .schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice, parse
 from .sse import event_stream, sse
@@ -35,75 +35,56 @@ def response_id(prefix: str) -> str:
 class OpenAIRoutes:
     """Handlers bound to one served model."""
 
-    def __init__(self, model_name: str, generation: Generation, created: int | None = None, tool_call_parser: str = "auto"):
-        self.model_name = model_name
+    def __init__(self, generation: Generation, created: int | None = None, tool_call_parser: str = "auto"):
         self.gen = generation
         self.created = created or int(time.time())
-        template = generation.loaded.chat_template
-        self.tool_call_parser = tool_calls.detect_parser(template) if tool_call_parser == "auto" else tool_call_parser
-
-    def _check_model(self, name: str) -> None:
-        """``model`` names the served model or one of its LoRA adapters (``--lora_modules``); anything else is a 404."""
-        self.gen.adapter_for(name, self.model_name)
-
-    def _lora(self, name: str) -> str | None:
-        """The LoRA adapter a request's ``model`` names, or None for the base model."""
-        return self.gen.adapter_for(name, self.model_name)
+        self.tool_call_parser = tool_calls.detect_parser(generation.chat_template) if tool_call_parser == "auto" else tool_call_parser
 
     async def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kserve-llm", "max_model_len": self.gen.loaded.max_model_len}
+        served = self.gen.served_name
+        card = {"id": served, "object": "model", "created": self.created, "owned_by": "kserve-llm", "max_model_len": self.gen.max_model_len}
         # LoRA adapters as vLLM lists them, parent the base model; root is the adapter's name (its directory is the server's business)
-        adapters = [{**card, "id": a.name, "root": a.name, "parent": self.model_name} for a in self.gen.lora_adapters.values()]
+        adapters = [{**card, "id": a.name, "root": a.name, "parent": served} for a in self.gen.lora_adapters.values()]
         # "models" keeps KServe V1's GET /v1/models answer, which shares this path, for V1 clients.
-        return {"object": "list", "data": [card, *adapters], "models": [self.model_name]}
+        return {"object": "list", "data": [card, *adapters], "models": [served]}
 
-    async def _choices(
-        self, ids, body, max_tokens: int, logprobs: int | None, first_index: int = 0, prompt_logprobs: bool = False, structured: GrammarSpec | None = None
-    ):
-        """The ``n`` requests for one prompt, as (choice index, request); with a seed, choice j uses seed + j."""
-        jobs = []
-        for j in range(body.n):
-            params = body.sampling_params(max_tokens, self.gen.loaded.sampling_defaults, logprobs, body.logit_bias)
-            params.structured = structured
-            if params.seed is not None:
-                params.seed = seed_for_choice(params.seed, j)
-            index = first_index + j
-            jobs.append((index, await self.gen.request(ids, params, prompt_logprobs=prompt_logprobs, lora=self._lora(body.model), index=index)))
-        return jobs
+    def _stream(self, body, prepared: Prepared, events: Callable[[list[Sequence], bool], AsyncIterator[str]]) -> StreamingResponse:
+        """Queue the requests and answer with the SSE stream that ``events(sequences, include_usage)`` writes."""
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _event_stream(events(self.gen.submit_all(prepared.requests), include_usage))
 
     # ---- completions -------------------------------------------------------------------------------
 
     async def completions(self, request: Request):
         body = parse(CompletionRequest, await request.body())
-        self._check_model(body.model)
         if body.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise InvalidRequest("best_of other than n is not supported", param="best_of")
         if body.stream_options is not None and not body.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
-        structured = body.grammar_spec()
-        prompts = _prompt_list(body.prompt)
-        jobs: list[tuple[int, GenerationRequest]] = []
-        prompt_token_total = 0
-        for i, prompt in enumerate(prompts):
-            ids = self.gen.encode(prompt)
-            prompt_token_total += len(ids)
-            max_tokens = self.gen.max_tokens(ids, body.max_tokens)
-            prompt_logprobs = body.echo and body.logprobs is not None
-            jobs += await self._choices(ids, body, max_tokens, body.logprobs, first_index=i * body.n, prompt_logprobs=prompt_logprobs, structured=structured)
+        prepared = await self.gen.prepare(
+            _prompt_list(body.prompt),
+            body,
+            max_tokens=body.max_tokens,
+            model=body.model,
+            n=body.n,
+            logprobs=body.logprobs,
+            logit_bias=body.logit_bias,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+            structured=body.grammar_spec(),
+        )
+        jobs, prompt_token_total = prepared.jobs, prepared.prompt_tokens
         rid = response_id("cmpl")
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            seqs = self.gen.submit_all([req for _, req in jobs])
-            return _event_stream(self._completion_events(rid, body, jobs, seqs, prompt_token_total, include_usage))
-        results = await self.gen.complete_all([req for _, req in jobs], request.is_disconnected)
+            return self._stream(body, prepared, lambda seqs, usage: self._completion_events(rid, body, jobs, seqs, prompt_token_total, usage))
+        results = await self.gen.complete_all(prepared.requests, request.is_disconnected)
         choices = []
         for (index, req), done in zip(jobs, results):
             text = done.text
             logprobs = None
             if body.echo:
-                text = self.gen.loaded.tokenizer.decode(req.prompt_ids, clean_up_tokenization_spaces=False) + text
+                text = self.gen.decode(req.prompt_ids) + text
             if body.logprobs is not None:
                 logprobs = self._completion_logprobs((done.prompt_logprobs or []) + done.logprobs, req.prompt_ids)
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason})
@@ -123,7 +104,7 @@ class OpenAIRoutes:
         async for index, req, out in _merge(jobs, seqs):
             text = out.text
             if body.echo and index not in started:
-                text = self.gen.loaded.tokenizer.decode(req.prompt_ids, clean_up_tokenization_spaces=False) + text
+                text = self.gen.decode(req.prompt_ids) + text
             started.add(index)
             logprobs = None
             if body.logprobs is not None:
@@ -153,27 +134,30 @@ class OpenAIRoutes:
 
     async def chat_completions(self, request: Request):
         body = parse(ChatCompletionRequest, await request.body())
-        self._check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
             raise InvalidRequest("give max_completion_tokens or max_tokens, not two different values", param="max_completion_tokens")
-        structured = body.grammar_spec()
-        tool_mode, structured = self._tool_mode(body, structured)
-        messages, tools = tool_calls.prompt_messages(body.messages, body.tools or [], self.gen.loaded.chat_template)
-        ids = self.gen.chat_prompt(messages, tools=tools)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = self.gen.max_tokens(ids, requested, default=None)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = await self._choices(ids, body, max_tokens, logprobs, structured=structured)
+        tool_mode, structured = self._tool_mode(body, body.grammar_spec())
+        messages, tools = tool_calls.prompt_messages(body.messages, body.tools or [], self.gen.chat_template)
+        prepared = await self.gen.prepare(
+            [ChatPrompt(messages, tools)],
+            body,
+            max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+            default_max_tokens=None,  # chat: the rest of the context, as OpenAI's API
+            model=body.model,
+            n=body.n,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            logit_bias=body.logit_bias,
+            structured=structured,
+        )
+        jobs, prompt_tokens = prepared.jobs, prepared.prompt_tokens
         rid = response_id("chatcmpl")
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            seqs = self.gen.submit_all([req for _, req in jobs])
-            return _event_stream(self._chat_events(rid, jobs, seqs, len(ids), include_usage, tool_mode))
-        results = await self.gen.complete_all([req for _, req in jobs], request.is_disconnected)
+            return self._stream(body, prepared, lambda seqs, usage: self._chat_events(rid, jobs, seqs, prompt_tokens, usage, tool_mode))
+        results = await self.gen.complete_all(prepared.requests, request.is_disconnected)
         choices = []
         for (index, _), done in zip(jobs, results):
             message: dict[str, Any] = {"role": "assistant", "content": done.text}
@@ -191,7 +175,7 @@ class OpenAIRoutes:
             "created": int(time.time()),
             "model": body.model,  # the base model or the LoRA adapter asked for, as vLLM answers
             "choices": choices,
-            "usage": _usage(len(ids), results),
+            "usage": _usage(prompt_tokens, results),
         }
 
     def _tool_mode(self, body: ChatCompletionRequest, structured: GrammarSpec | None) -> tuple[str | tuple[str, str] | None, GrammarSpec | None]:
@@ -231,7 +215,7 @@ class OpenAIRoutes:
 
     async def _chat_events(self, rid, jobs, seqs, prompt_tokens, include_usage, tool_mode=None) -> AsyncIterator[str]:
         created = int(time.time())
-        model = jobs[0][1].lora or self.model_name
+        model = jobs[0][1].lora or self.gen.served_name
 
         def chunk(choices: list, **extra: Any) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 
 from ..errors import InvalidRequest
-from ..generation import Generation
+from ..generation import ChatPrompt, Generation
 from . import tool_calls
 from .schema import ChatMessage, Tool, _Strict, parse
 
@@ -31,13 +31,12 @@ class DetokenizeRequest(_Strict):
 
 
 class TokenizeRoutes:
-    def __init__(self, model_name: str, generation: Generation):
-        self.model_name = model_name
+    def __init__(self, generation: Generation):
         self.gen = generation
 
     def _check_model(self, name: str | None) -> None:
         if name is not None:  # the base model or an adapter: they share the tokenizer
-            self.gen.adapter_for(name, self.model_name)
+            self.gen.resolve_model(name)
 
     async def tokenize(self, request: Request) -> dict:
         body = parse(TokenizeRequest, await request.body())
@@ -47,18 +46,18 @@ class TokenizeRoutes:
         if body.prompt is not None:
             ids = self.gen.encode(body.prompt)
         else:
-            messages, tools = tool_calls.prompt_messages(body.messages, body.tools or [], self.gen.loaded.chat_template)
-            ids = self.gen.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt, tools=tools)
-        answer = {"count": len(ids), "max_model_len": self.gen.loaded.max_model_len, "tokens": ids}
+            messages, tools = tool_calls.prompt_messages(body.messages, body.tools or [], self.gen.chat_template)
+            ids = self.gen.chat_prompt(ChatPrompt(messages, tools, body.add_generation_prompt))
+        answer = {"count": len(ids), "max_model_len": self.gen.max_model_len, "tokens": ids}
         if body.return_token_strs:
-            answer["token_strs"] = self.gen.loaded.tokenizer.convert_ids_to_tokens(ids)
+            answer["token_strs"] = self.gen.token_strs(ids)
         return answer
 
     async def detokenize(self, request: Request) -> dict:
         body = parse(DetokenizeRequest, await request.body())
         self._check_model(body.model)
         ids = self.gen.encode(body.tokens, param="tokens") if body.tokens else []
-        return {"prompt": self.gen.loaded.tokenizer.decode(ids)}
+        return {"prompt": self.gen.decode(ids, clean_up=None)}
 
 
 def register(app: FastAPI, routes: TokenizeRoutes) -> None:

@@ -28,7 +28,7 @@ async def predict(gen: Generation, payload: Any) -> dict:
         raise InvalidRequest("'parameters' must be an object", param="parameters")
     if not payload["instances"]:
         raise InvalidRequest("'instances' is empty", param="instances")
-    requests = []
+    requests = []  # every instance's engine request, queued together
     for i, instance in enumerate(payload["instances"]):
         if isinstance(instance, str):
             prompt, own = instance, {}
@@ -41,8 +41,7 @@ async def predict(gen: Generation, payload: Any) -> dict:
             fields = SamplingFields.model_validate({**shared, **own})
         except ValidationError as exc:
             raise validation_error(exc) from None
-        ids = gen.encode(prompt, param=f"instances.{i}")
-        params = fields.sampling_params(gen.max_tokens(ids, fields.max_tokens), gen.loaded.sampling_defaults)
-        requests.append(await gen.request(ids, params, index=i))
+        prepared = await gen.prepare([prompt], fields, max_tokens=fields.max_tokens, first_index=i, param=f"instances.{i}")
+        requests += prepared.requests
     results = await gen.complete_all(requests, param="instances")
     return {"predictions": [r.text for r in results]}

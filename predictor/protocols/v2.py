@@ -122,11 +122,8 @@ async def infer(gen: Generation, model_name: str, request: InferRequest) -> Infe
     if not prompts:
         raise InvalidRequest(f"'{INPUT_NAME}' has no elements", param=INPUT_NAME)
     fields = sampling_fields(request.parameters)
-    requests = []
-    for i, prompt in enumerate(prompts):
-        ids = gen.encode(prompt, param=INPUT_NAME)
-        requests.append(await gen.request(ids, fields.sampling_params(gen.max_tokens(ids, fields.max_tokens), gen.loaded.sampling_defaults), index=i))
-    results = await gen.complete_all(requests, param=INPUT_NAME)
+    prepared = await gen.prepare(prompts, fields, max_tokens=fields.max_tokens, param=INPUT_NAME)
+    results = await gen.complete_all(prepared.requests, param=INPUT_NAME)
     output = InferOutput(name=OUTPUT_NAME, shape=[len(results)], datatype="BYTES", data=[r.text for r in results])
     # Over gRPC, answer as Triton does: the tensor serialized into raw_output_contents (length-prefixed
     # strings), which Triton's own client decodes; typed contents.bytes_contents trips its as_numpy.
