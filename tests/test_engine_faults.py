@@ -21,6 +21,7 @@ from test_engine_serving import metric
 
 from predictor.engine import Engine, EngineConfig
 from predictor.engine import engine as engine_module
+from predictor.engine.detokenizer import Detokenizer
 from predictor.errors import RequestFailed
 from predictor.loading import load_model
 from predictor.sampling import GenerationRequest, SamplingParams
@@ -209,14 +210,14 @@ def test_a_row_that_fails_sampling_fails_alone(loaded, monkeypatch):
 
 def test_a_row_that_fails_detokenizing_fails_alone(loaded, monkeypatch):
     alone = run_engine(loaded, make_requests())
-    real_add = engine_module.Detokenizer.add
+    real_add = Detokenizer.add
 
     def faulty_add(self, token_id):
         if self.ids and self.ids[0] == MARKED_TOKEN:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "detokenizer fault (injected)")
         return real_add(self, token_id)
 
-    monkeypatch.setattr(engine_module.Detokenizer, "add", faulty_add)
+    monkeypatch.setattr(Detokenizer, "add", faulty_add)
     results = run_engine(loaded, make_requests(marked_prompt=[MARKED_TOKEN, 5, 6]))
     assert isinstance(results[1], RequestFailed)
     assert [results[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]

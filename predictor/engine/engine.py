@@ -18,7 +18,8 @@ error, or ``MAX_FAILURES_IN_A_ROW`` failed steps in a row) marks it dead: every 
 (vLLM's ``EngineDeadError``).
 
 Around it: a request's state is ``request.Sequence``, the queues are the scheduler's (``scheduler.py``, which also
-states the locking rule), and every metric and span goes through ``observer.EngineObserver``. This module stays over
+states the locking rule), a sampled token becomes text and a finish reason in ``output.OutputProcessor``, and every
+metric and span goes through ``observer.EngineObserver``. This module stays over
 400 lines because what is left is one piece: the step loop over the engine thread's state, with the failure isolation
 above (retry without the newest, row-by-row re-sampling) woven through its prefill, decode and sampling.
 """
@@ -39,10 +40,10 @@ import torch
 from ..errors import EngineDead, EngineError, EngineStopped, GrammarFailed, InvalidRequest, QueueFull, RequestFailed, RequestTimeout, internal_error
 from ..loading import LoadedModel
 from ..sampling import GenerationRequest, StepOutput, TokenLogprob
-from .detokenizer import Detokenizer
 from .kv_cache import BlockAllocator
 from .lora import LoRAAdapter, LoRAManager
 from .observer import EngineObserver
+from .output import OutputProcessor
 from .request import Sequence, deliver
 from .runner import Chunk, KVPlan, ModelRunner, PagedRunner, make_runner
 from .sampler import sample, token_logprob
@@ -93,6 +94,8 @@ class Engine:
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.observer = EngineObserver(metrics)  # every metric and span the engine reports (observer.py)
+        # sampled tokens → text deltas and finish reasons (output.py)
+        self.output = OutputProcessor(loaded.tokenizer, loaded.eos_token_id, loaded.max_model_len, self.observer)
         self.lora = lora  # multi-LoRA serving (--lora_modules): adapters, slots
         self.runner: ModelRunner | None = None  # built in the engine thread, see start()
         self.scheduler: Scheduler | None = None  # built with the runner: it needs the pool's size
@@ -372,7 +375,7 @@ class Engine:
         seq.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         if seq.request.grammar is not None:
             seq.matcher = seq.request.grammar.matcher(params.max_tokens)
-        seq.detok = Detokenizer(self.loaded.tokenizer, seq.request.prompt_ids, seq.request.stops if seq.request.stops is not None else params.stop)
+        self.output.start(seq)
         seq.scheduled_time = now
         self.observer.on_scheduled(seq, now)
 
@@ -467,7 +470,7 @@ class Engine:
                 finished.append(seq)
                 continue
             try:
-                out = self._advance(seq, token, logprob, now)
+                out = self.output.process(seq, token, logprob, now)
             except Exception as exc:
                 self._fail(seq, exc, "detokenizing")
                 continue
@@ -478,41 +481,6 @@ class Engine:
             loop.call_soon_threadsafe(deliver, items)
         for seq in finished:
             self._remove(seq)
-
-    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> StepOutput:
-        """Record one sampled token; return its output (``finish_reason`` set when the sequence ends)."""
-        params = seq.request.params
-        seq.output_ids.append(token)
-        seq.pending = token
-        self.observer.on_token(seq, now)
-        if len(seq.output_ids) == 1:
-            seq.first_token_time = now
-        seq.last_token_time = now
-        finish = None
-        if token == self.loaded.eos_token_id and not params.ignore_eos:
-            text, finish = seq.detok.flush(), "stop"
-        else:
-            text = seq.detok.add(token)
-            if seq.detok.stopped:
-                finish = "stop"
-            elif seq.matcher is not None and seq.matcher.finished:  # the grammar is complete: nothing may follow
-                text, finish = text + seq.detok.flush(), "stop"
-            elif len(seq.output_ids) >= params.max_tokens or seq.length + 1 >= self.loaded.max_model_len:
-                text, finish = text + seq.detok.flush(), "length"
-        out = StepOutput(
-            text=text,
-            token_ids=[token],
-            logprobs=None if logprob is None else [logprob],
-            finish_reason=finish,
-            prompt_logprobs=seq.prompt_logprobs,
-            num_prompt_tokens=len(seq.request.prompt_ids),
-            num_generated_tokens=len(seq.output_ids),
-        )
-        seq.prompt_logprobs = None
-        if finish is not None:
-            seq.finish_time = now
-            self.observer.on_finish(seq, now, finish)
-        return out
 
     def _remove(self, seq: Sequence) -> None:
         """The sequence leaves the batch; its KV-cache blocks return to the pool."""
