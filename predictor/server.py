@@ -140,12 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         dest="compile",
         action="store_true",
-        default=False,
+        default=None,
         help="Run the decode step as one torch.compile graph (CPU, paged runner; compiled at start-up, cached under "
-        "$KSERVE_LLM_CACHE/inductor). Off by default: measured on AMD EPYC (2 cores) it made a bfloat16 SmolLM2 step 1.10x "
-        "faster at batch 16 and 0.88x at batch 1. A model that does not compile is served eagerly, and the log says why.",
+        "$KSERVE_LLM_CACHE/inductor). The default, neither flag: on CPUs with AMX, where a bfloat16 SmolLM2 step measured "
+        "1.18x faster at batch 1 and 1.30x at batch 16 (Intel Xeon, 2 cores); eager elsewhere (AMD EPYC: 0.88x at batch 1, "
+        "1.10x at batch 16). A model that does not compile is served eagerly, and the log says why.",
     )
-    engine.add_argument("--no_compile", dest="compile", action="store_false", help="Serve eagerly (the default).")
+    engine.add_argument("--no_compile", dest="compile", action="store_false", help="Serve eagerly, whatever the CPU.")
     engine.add_argument(
         "--shutdown_grace_period", type=float, default=30.0, help="Seconds after SIGTERM for accepted requests to finish before the server exits."
     )

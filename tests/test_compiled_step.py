@@ -1,6 +1,6 @@
 """The compiled decode step (``predictor/engine/compiled_step.py``): torch.compile over the paged runner's forward.
 
-- served with ``--compile`` (off by default; tests/conftest passes ``--no_compile`` unless a test asks), greedy output
+- served with ``--compile`` (by default on CPUs with AMX only; tests/conftest passes ``--no_compile`` unless a test asks), greedy output
   equals ``model.generate`` in float32, alone and batched, for a Llama-shaped and a GPT-2 model (slow: ``make test-slow``);
 - one graph serves every batch size and block-table width: no recompiles as traffic changes shape;
 - a model whose step fails to compile is served eagerly, and the runner says why.
@@ -42,7 +42,7 @@ def test_compiled_server_greedy_equals_generate_alone_and_batched(kind, models_r
         stop_server(server)
 
 
-def _runner(model_dir, compile: bool) -> PagedRunner:
+def _runner(model_dir, compile: bool | None) -> PagedRunner:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return PagedRunner(model, KVPlan(None, 4096), 8, torch.device("cpu"), compile=compile)
 
@@ -94,6 +94,24 @@ def test_a_step_that_fails_to_compile_is_served_eagerly_and_says_why(models_root
     assert "decode step: eager (compiling failed: RuntimeError: inductor could not lower this graph)" in runner.path
     logits = _steps(runner, [2], AutoConfig.from_pretrained(model_dir).vocab_size)
     assert all(torch.isfinite(x).all() for x in logits)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_by_default_the_step_compiles_on_cpus_with_amx_only(amx, models_root, tiny_model_dir, monkeypatch):
+    """Neither --compile nor --no_compile: compiled where AMX is (measured faster there at batch 1 and 16), eager elsewhere.
+    The compile itself is made to fail here (fast): that the runner tried is what the AMX case shows."""
+    from predictor.cpu import CpuInfo
+    from predictor.engine import runner as runner_module
+
+    flags = {"avx512f", "avx512_bf16", "avx512_vnni"} | ({"amx_tile", "amx_bf16", "amx_int8"} if amx else set())
+    monkeypatch.setattr(runner_module, "cpu_info", lambda: CpuInfo("test CPU", frozenset(flags)))
+    monkeypatch.setattr(compiled_step.CompiledDecode, "_forward", lambda self, *args: (_ for _ in ()).throw(RuntimeError("not compiled in this test")))
+    runner = _runner(build_model("llama", models_root / "llama", tiny_model_dir), compile=None)
+    if amx:
+        assert "decode step: eager (compiling failed: RuntimeError: not compiled in this test)" in runner.path
+    else:
+        assert "decode step: eager (the default on a CPU without AMX" in runner.path
+    assert CpuInfo("x", frozenset(flags)).compiles_by_default is amx
 
 
 def test_inductor_cache_goes_under_the_project_cache_whatever_imports_dynamo_first(tmp_path):

@@ -84,7 +84,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # chunked prefill's step budget (vLLM's default for chunked prefill)
     kv_cache_memory: int | None = None  # bytes; None: the device default (kv_cache.py)
     enable_prefix_caching: bool = True  # with the paged runner only (others keep per-sequence state)
-    compile: bool = False  # the decode step through torch.compile (compiled_step.py), where the runner can; the CLI turns it on
+    compile: bool | None = False  # the decode step through torch.compile (compiled_step.py) where the runner can; None: by the CPU (runner.py)
 
 
 class Engine:

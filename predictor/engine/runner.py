@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ..cpu import cpu_info
 from ..loading import ModelLoadError
 from ..onnx_model import OnnxModel
 from . import kv_cache, paged_ops
@@ -85,7 +86,7 @@ class ModelRunner(ABC):
 
 
 def make_runner(
-    model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None, compile: bool = False
+    model: PreTrainedModel | OnnxModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None, compile: bool | None = False
 ) -> ModelRunner:
     if isinstance(model, OnnxModel):
         if lora is not None:
@@ -137,7 +138,7 @@ class PagedRunner(ModelRunner):
         return None
 
     def __init__(
-        self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None, compile: bool = False
+        self, model: PreTrainedModel, plan: KVPlan, max_num_seqs: int, device: torch.device, lora: LoRAManager | None = None, compile: bool | None = False
     ):
         self.model = model
         self.device = device
@@ -163,7 +164,12 @@ class PagedRunner(ModelRunner):
         # Decode attention from the block pools by the C++ operator (built here, at start-up, if this machine has none).
         self.native_decode = device.type == "cpu" and self.dtype in paged_ops.DTYPES and paged_ops.available()
         self.compiled: CompiledDecode | None = None
-        step = self._compile() if compile else "eager (--no_compile)"
+        if compile is None and device.type != "cpu":
+            step = "eager (the compiled step runs on CPU only so far)"
+        elif compile is None:  # by the CPU (cpu.CpuInfo.compiles_by_default: where it measured faster)
+            step = self._compile() if cpu_info().compiles_by_default else "eager (the default on a CPU without AMX, where compiling measured slower at batch 1)"
+        else:
+            step = self._compile() if compile else "eager (--no_compile)"
         self.path = (
             f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
             f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "
