@@ -39,11 +39,11 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("kserve_llm::int8_linear", mutates_args=())
-def int8_linear(pinned: torch.Tensor, handle: int) -> torch.Tensor:
-    """int8 projection ``handle`` of ``pinned`` (M, in), float32 within [-1, 1] → (M, out) float32 (quantized.Int8Linear)."""
-    return _OPAQUE[handle].product(pinned)
+def int8_linear(rows: torch.Tensor, handle: int) -> torch.Tensor:
+    """int8 projection ``handle`` of its normalised rows (M, in) → (M, out) float32 (``quantized.Int8Linear.product``)."""
+    return _OPAQUE[handle].product(rows)
 
 
 @int8_linear.register_fake
-def _(pinned: torch.Tensor, handle: int) -> torch.Tensor:
-    return pinned.new_empty(pinned.shape[0], _OPAQUE[handle].out_features)
+def _(rows: torch.Tensor, handle: int) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], _OPAQUE[handle].out_features, dtype=torch.float32)

@@ -83,6 +83,29 @@ def test_one_graph_serves_every_batch_size_with_eager_logits(models_root, tiny_m
         assert torch.equal(c.argmax(-1), e.argmax(-1))
 
 
+@pytest.mark.slow  # one more compile, ~30 s: `make test-slow` (CI) runs it
+def test_an_int8_model_compiles_with_its_products_as_opaque_operators(models_root, tiny_model_dir):
+    """The int8 projections (oneDNN on AMX-INT8, fbgemm elsewhere) inside the compiled step: the per-row quantization
+    traced around ``kserve_llm::int8_linear``, the logits as eager's."""
+    from predictor import quantized
+
+    model_dir = build_model("llama", models_root / "llama", tiny_model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+
+    def runner(compile: bool) -> PagedRunner:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        quantized.quantize(model)
+        return PagedRunner(model, KVPlan(None, 4096), 8, torch.device("cpu"), compile=compile)
+
+    eager = _steps(runner(False), [1, 3], vocab)
+    torch._dynamo.reset()
+    compiled_runner = runner(True)
+    assert compiled_runner.compiled is not None, compiled_runner.path
+    for e, c in zip(eager, _steps(compiled_runner, [1, 3], vocab)):
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3)
+        assert torch.equal(c.argmax(-1), e.argmax(-1))
+
+
 def test_a_step_that_fails_to_compile_is_served_eagerly_and_says_why(models_root, tiny_model_dir, monkeypatch):
     def broken(self, *args):
         raise RuntimeError("inductor could not lower this graph")

@@ -72,6 +72,36 @@ def test_smoothquant_shrinks_the_int8_error_on_outlier_channels():
     assert smooth_error < 0.5 * plain_error, (smooth_error, plain_error)
 
 
+@pytest.mark.parametrize("backend", ["onednn", "fbgemm"])
+def test_int8_backends_agree_are_batch_invariant_and_keep_the_input_dtype(backend):
+    """oneDNN's quantized linear (the AMX-INT8 path) and fbgemm's (elsewhere) compute the same W8A8 product: each row
+    quantized on its own range, so a row's output is bit-identical alone and in a batch (integer sums are exact)."""
+    if backend == "onednn" and not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        pytest.skip("this torch has no oneDNN quantized linear")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80)
+    x = torch.randn(7, 96)
+    x[:, 5] *= 20.0  # an outlier channel, as LLM activations have
+    with torch.no_grad():
+        ref = linear(x)
+        module = quantized.Int8Linear(*_int8_weight(linear), linear.bias, backend=backend)
+        y = module(x)
+        assert (y - ref).norm() < 0.05 * ref.norm()
+        assert torch.equal(torch.cat([module(x[i : i + 1]) for i in range(len(x))]), y)
+        assert module(x.bfloat16()).dtype == torch.bfloat16
+        other = quantized.Int8Linear(*_int8_weight(linear), linear.bias, backend="fbgemm" if backend == "onednn" else "onednn")
+        if hasattr(torch.ops.onednn, "qlinear_pointwise"):
+            torch.testing.assert_close(other(x), y, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+        assert torch.equal(module.weight_int8, _int8_weight(linear)[0])
+    with pytest.raises(ValueError, match="unknown int8 backend 'cuda'"):
+        quantized.Int8Linear(*_int8_weight(linear), None, backend="cuda")
+
+
+def _int8_weight(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = linear.weight.detach().abs().amax(dim=1) / 127.0
+    return torch.round(linear.weight.detach() / scale[:, None]).to(torch.int8), scale
+
+
 def test_siblings_of_one_input_share_smoothing_and_concatenate_exactly(tiny_model_dir):
     """q/k/v-style projections of one input get one smoothing vector, so one int8 product computes all three."""
     from transformers import LlamaConfig, LlamaForCausalLM
