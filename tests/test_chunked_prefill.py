@@ -46,7 +46,7 @@ def test_chunked_prefill_gives_the_unchunked_greedy_output_and_prompt_logprobs(l
 
 def test_running_streams_get_tokens_while_a_long_prompt_prefills(llama_dir):
     """In process, with the runner's calls recorded: a 120-token prompt arriving while a stream decodes is prefilled in
-    8 steps of at most 16 tokens, and in each of those steps the stream decodes a token."""
+    8 steps of at most 16 tokens, and each of those steps is one forward in which the stream decodes a token too."""
     loaded = load_model(llama_dir, dtype="float32", device="cpu")
     vocab = loaded.vocab_size
     short, long = token_prompts(vocab, [5, 120], seed=6)
@@ -55,9 +55,13 @@ def test_running_streams_get_tokens_while_a_long_prompt_prefills(llama_dir):
     async def main() -> tuple[list[int], list[int]]:
         engine = Engine(loaded, EngineConfig(max_num_seqs=4, max_prefill_tokens=BUDGET))
         engine.start()
-        real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+        real_prefill, real_decode, real_step = engine.runner.prefill, engine.runner.decode, engine.runner.step
         engine.runner.prefill = lambda chunks: (events.append(("prefill", [(c.seq_id, len(c.tokens)) for c in chunks])), real_prefill(chunks))[1]
-        engine.runner.decode = lambda chunks: (events.append(("decode", [(c.seq_id, 1) for c in chunks])), real_decode(chunks))[1]
+        engine.runner.decode = lambda chunks: (events.append(("decode", [(c.seq_id, "decode") for c in chunks])), real_decode(chunks))[1]
+        engine.runner.step = lambda prefill, decode: (
+            events.append(("step", [(c.seq_id, len(c.tokens)) for c in prefill] + [(c.seq_id, "decode") for c in decode])),
+            real_step(prefill, decode),
+        )[1]
         try:
             params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
             stream = engine.submit(GenerationRequest("stream", short, params))
@@ -78,9 +82,9 @@ def test_running_streams_get_tokens_while_a_long_prompt_prefills(llama_dir):
             engine.stop()
 
     (a, b), late_tokens = asyncio.run(main())
-    steps = [i for i, (kind, rows) in enumerate(events) if kind == "prefill" and any(seq == b for seq, _ in rows)]
-    assert [n for i in steps for seq, n in events[i][1] if seq == b] == [16] * 7 + [8]
-    for i in steps:  # each chunk's step goes on to decode the running stream
-        kind, rows = events[i + 1]
-        assert kind == "decode" and (a, 1) in rows
+    steps = [rows for kind, rows in events if any(seq == b and n != "decode" for seq, n in rows)]
+    assert [n for rows in steps for seq, n in rows if seq == b] == [16] * 7 + [8]
+    kinds = [kind for kind, rows in events if any(seq == b and n != "decode" for seq, n in rows)]
+    assert kinds == ["step"] * 8  # one forward each: the chunk and the running stream's decode token together (vLLM V1's mixed batch)
+    assert all((a, "decode") in rows for rows in steps)
     assert len(late_tokens) == 2

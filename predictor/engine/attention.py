@@ -9,7 +9,9 @@ sees one flat row of tokens: every sequence's new tokens side by side, (1, N), e
   positions, to those first);
 - decode: one token per sequence, (B,) rows, each attending to its sequence's cached positions: on CPU by a
   C++ operator that reads them where they are in the block pools (``paged_ops.py``, built once per machine),
-  elsewhere (or without a compiler) by gathering them into a buffer for SDPA.
+  elsewhere (or without a compiler) by gathering them into a buffer for SDPA;
+- a mixed step (vLLM V1's): prefill chunks first, then the decoding sequences' tokens from ``decode_from`` on, in
+  one forward, so a step that prefills does not run the model twice.
 
 Variants come from the model: ``scaling``, ``sliding_window`` (per layer), ``softcap`` (Gemma 2), and
 grouped-query attention (the cache holds KV heads only; SDPA broadcasts them).
@@ -34,18 +36,20 @@ ATTN_IMPLEMENTATION = "kserve_llm_paged"
 class StepBatch:
     """One forward's batch layout; built by the runner, read by every layer.
 
-    ``query_starts[i]:query_starts[i+1]`` are sequence i's tokens in the flat row; ``positions`` their
-    positions; ``slots`` where their keys and values go in the pools. Decode steps also carry the padded
-    block tables (B, nb) and each sequence's last position (B,).
+    ``query_starts[i]:query_starts[i+1]`` are prefilling sequence i's tokens in the flat row; ``slots`` where every
+    token's keys and values go in the pools. The decoding sequences' tokens (all of them in a decode step, from
+    ``decode_from`` on in a mixed step) come with their padded block tables (B, nb) and last positions (B,).
     """
 
     cache: PagedKVCache | None
-    decode: bool
+    decode: bool  # only decoding sequences, one token each
     slots: torch.Tensor  # (N,)
     query_starts: list[int]
-    start_positions: list[int]  # first new position per sequence (0 unless part of it is cached)
-    block_tables: torch.Tensor | None = None  # (B, nb); for decode, and prefill over cached positions
+    start_positions: list[int]  # first new position per prefilling sequence (0 unless part of it is cached)
+    block_tables: torch.Tensor | None = None  # (B, nb) of the decoding sequences
     last_positions: torch.Tensor | None = None  # (B,)
+    prefill_tables: torch.Tensor | None = None  # (P, nb) of the prefilling sequences, when some have cached positions
+    decode_from: int | None = None  # a mixed step: where the decoding sequences' tokens start in the flat row
     probe: dict[int, LayerSpec] | None = None  # set for the start-up probe: record each layer's shapes
     context_lens: torch.Tensor | None = None  # (B,) last_positions + 1, for the native decode operator
     native_decode: bool = False  # decode attention by paged_ops (the runner checked it is built and takes this dtype)
@@ -123,22 +127,7 @@ def paged_attention(
     k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, KVH, D)
     batch.cache.write(layer, batch.slots, k_new, v_new)
     if batch.decode:
-        B, H, D = query.shape[2], query.shape[1], query.shape[3]
-        if batch.native_decode:  # straight from the pools: no gather, no mask
-            out = paged_ops.decode_attention(
-                query[0].transpose(0, 1), batch.cache.k[layer], batch.cache.v[layer], batch.block_tables, batch.context_lens, scaling, window, softcap
-            )  # (B, H, D)
-            return out.reshape(1, B, H, D), None
-        k, v = batch.cache.gather(layer, batch.block_tables)  # (B, KVH, L, D)
-        mask = batch.decode_mask(window)  # (B, 1, 1, L)
-        if softcap is None and k.shape[1] != H:
-            # Grouped-query decode: each KV head's G query heads become G "query positions" of that head,
-            # which share one mask; plain SDPA without enable_gqa's expansion (measured ~15% faster).
-            q = query[0].transpose(0, 1).reshape(B, k.shape[1], H // k.shape[1], D)  # (B, KVH, G, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        else:
-            out = _attend(query[0].transpose(0, 1).unsqueeze(2), k, v, mask, scaling, softcap)  # (B, H, 1, D)
-        return out.reshape(1, B, H, D), None
+        return _decode_attention(query, batch, layer, window, scaling, softcap), None
     outs = []
     for i, start in enumerate(batch.start_positions):
         a, b = batch.query_starts[i], batch.query_starts[i + 1]
@@ -147,10 +136,36 @@ def paged_attention(
             k, v = key[:, :, a:b], value[:, :, a:b]
         else:
             nb = -(-(start + b - a) // batch.cache.block_size)
-            k, v = batch.cache.gather(layer, batch.block_tables[i : i + 1, :nb])
+            k, v = batch.cache.gather(layer, batch.prefill_tables[i : i + 1, :nb])
             k, v = k[:, :, : start + b - a], v[:, :, : start + b - a]
         outs.append(_attend(q, k, v, _causal_mask(b - a, start, window, query.device), scaling, softcap))
-    return torch.cat(outs, dim=2).transpose(1, 2), None  # (1, N, H, D)
+    prefilled = torch.cat(outs, dim=2).transpose(1, 2)  # (1, P, H, D)
+    if batch.decode_from is None:
+        return prefilled, None
+    decoded = _decode_attention(query[:, :, batch.decode_from :], batch, layer, window, scaling, softcap)  # (1, B, H, D)
+    return torch.cat([prefilled, decoded], dim=1), None  # (1, N, H, D)
+
+
+def _decode_attention(
+    query: torch.Tensor, batch: StepBatch, layer: int, window: int | None, scaling: float | None, softcap: float | None
+) -> torch.Tensor:
+    """The decoding sequences' queries (1, H, B, D), one token each, over their cached positions → (1, B, H, D)."""
+    B, H, D = query.shape[2], query.shape[1], query.shape[3]
+    if batch.native_decode:  # straight from the pools: no gather, no mask
+        out = paged_ops.decode_attention(
+            query[0].transpose(0, 1), batch.cache.k[layer], batch.cache.v[layer], batch.block_tables, batch.context_lens, scaling, window, softcap
+        )  # (B, H, D)
+        return out.reshape(1, B, H, D)
+    k, v = batch.cache.gather(layer, batch.block_tables)  # (B, KVH, L, D)
+    mask = batch.decode_mask(window)  # (B, 1, 1, L)
+    if softcap is None and k.shape[1] != H:
+        # Grouped-query decode: each KV head's G query heads become G "query positions" of that head,
+        # which share one mask; plain SDPA without enable_gqa's expansion (measured ~15% faster).
+        q = query[0].transpose(0, 1).reshape(B, k.shape[1], H // k.shape[1], D)  # (B, KVH, G, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    else:
+        out = _attend(query[0].transpose(0, 1).unsqueeze(2), k, v, mask, scaling, softcap)  # (B, H, 1, D)
+    return out.reshape(1, B, H, D)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

@@ -274,9 +274,16 @@ class Engine:
         self._expire(now)
         chunks = self._admit(now)
         if chunks:
-            self._prefill(chunks)
-        if self.scheduler.decoding():
-            self._decode()
+            self._reserve_decode()  # before the forward: a mixed step decodes in it
+            chunks = [seq for seq in chunks if seq in self.scheduler.running]  # not preempted for a decoding one
+        decoding = self.scheduler.decoding() if chunks else []
+        if chunks and decoding:
+            self._mixed(chunks, decoding)
+        else:
+            if chunks:
+                self._prefill(chunks)
+            if self.scheduler.decoding():  # after a prefill alone, its sequences' second tokens in the same step
+                self._decode()
         if self._failed_steps == failures:  # a whole step without a failure: the engine works
             self._failed_steps = 0
 
@@ -380,14 +387,23 @@ class Engine:
         self.observer.on_scheduled(seq, now)
 
     def _run_prefill(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        return self.runner.prefill(self._prefill_chunks(seqs))
+
+    @staticmethod
+    def _prefill_chunks(seqs: list[Sequence]) -> list[Chunk]:
         # prompt logprobs only on the first prefill (a recomputed sequence has sent them already)
-        chunks = [Chunk(s.seq_id, s.tokens_to_prefill[s.length : s.length + s.chunk], s.length, s.blocks, s.needs_prompt_logits, s.lora_slot) for s in seqs]
-        return self.runner.prefill(chunks)
+        return [Chunk(s.seq_id, s.tokens_to_prefill[s.length : s.length + s.chunk], s.length, s.blocks, s.needs_prompt_logits, s.lora_slot) for s in seqs]
 
     def _prefill(self, chunks: list[Sequence]) -> None:
         ran, logits = self._forward(chunks, self._run_prefill, "prefill")
-        if not ran:
-            return
+        if ran:
+            done, last = self._prefilled(ran, logits)
+            if done:
+                self._sample_and_emit(done, torch.stack(last))
+
+    def _prefilled(self, ran: list[Sequence], logits: list[torch.Tensor]) -> tuple[list[Sequence], list[torch.Tensor]]:
+        """After a forward over prefill chunks: prompt logprobs kept, lengths advanced; the sequences whose prompt is now
+        whole in the cache and the logits of their last position, to draw their first token from."""
         done, last = [], []
         for seq, seq_logits in zip(ran, logits):
             if seq.needs_prompt_logits:
@@ -398,17 +414,23 @@ class Engine:
                 self.scheduler.computed(seq)
                 done.append(seq)
                 last.append(seq_logits[-1])
-        if done:
-            self._sample_and_emit(done, torch.stack(last))
+        return done, last
 
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        return self.runner.decode([Chunk(s.seq_id, [s.pending], s.length, s.blocks, lora_slot=s.lora_slot) for s in seqs])
+        return self.runner.decode([self._decode_chunk(s) for s in seqs])
 
-    def _decode(self) -> None:
-        preempted = self.scheduler.reserve_decode()
-        for seq in preempted:
+    @staticmethod
+    def _decode_chunk(seq: Sequence) -> Chunk:
+        return Chunk(seq.seq_id, [seq.pending], seq.length, seq.blocks, lora_slot=seq.lora_slot)
+
+    def _reserve_decode(self) -> None:
+        """The KV-cache block each decoding sequence's next position needs (preempting the newest when none is free)."""
+        for seq in self.scheduler.reserve_decode():
             self.runner.release(seq.seq_id)
             self.observer.on_preempt(seq)
+
+    def _decode(self) -> None:
+        self._reserve_decode()
         batch = self.scheduler.decoding()
         if not batch:
             return
@@ -418,6 +440,28 @@ class Engine:
         for seq in batch:
             seq.length += 1
         self._sample_and_emit(batch, logits)
+
+    def _mixed(self, chunks: list[Sequence], decoding: list[Sequence]) -> None:
+        """Prefill chunks and the decoding sequences in one forward (the runner's ``step``), then one draw for every
+        sequence with a next token: those whose prompt is complete now and the decoding ones."""
+        prefilling = set(chunks)
+
+        def run(seqs: list[Sequence]) -> tuple[list[torch.Tensor], torch.Tensor]:
+            prefill = [s for s in seqs if s in prefilling]
+            decode = [self._decode_chunk(s) for s in seqs if s not in prefilling]
+            return self.runner.step(self._prefill_chunks(prefill), decode)
+
+        ran, out = self._forward(chunks + decoding, run, "step")
+        if not ran:
+            return
+        prefill_logits, decode_logits = out
+        done, last = self._prefilled([s for s in ran if s in prefilling], prefill_logits)
+        decoded = [s for s in ran if s not in prefilling]
+        for seq in decoded:
+            seq.length += 1
+        rows = [*last, *decode_logits] if decoded else last
+        if rows:
+            self._sample_and_emit(done + decoded, torch.stack(rows))
 
     def _sample_rows(self, batch: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         constrained = [row for row, s in enumerate(batch) if s.matcher is not None]

@@ -80,6 +80,11 @@ class ModelRunner(ABC):
     def decode(self, chunks: list[Chunk]) -> torch.Tensor:
         """One token per chunk at position ``start``; logits (B, V)."""
 
+    def step(self, prefill: list[Chunk], decode: list[Chunk]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A step with prefill chunks and decoding sequences: ``prefill``'s logits and ``decode``'s (B, V). Runners that
+        can run both in one forward (the paged runner) override this."""
+        return (self.prefill(prefill) if prefill else []), (self.decode(decode) if decode else None)
+
     @abstractmethod
     def release(self, seq_id: int) -> None:
         """The sequence left (finished, cancelled or preempted); runners with per-sequence state drop it."""
@@ -218,58 +223,74 @@ class PagedRunner(ModelRunner):
         width = max(len(c.blocks) for c in chunks)
         return torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in chunks], device=self.device)
 
-    def _forward(self, chunks: list[Chunk], batch: StepBatch, keep: torch.Tensor, pad: int = 0) -> torch.Tensor:
-        ids = torch.tensor([[t for c in chunks for t in c.tokens] + [0] * pad], device=self.device)  # (1, N)
-        positions = torch.tensor([[p for c in chunks for p in range(c.start, c.start + len(c.tokens))] + list(range(pad))], device=self.device)
-        if self.lora is not None:  # each token's row adapter, read by every LoRALinear of this forward
-            self.lora.set_step([c.lora_slot for c in chunks for _ in c.tokens] + [0] * pad, keep, self.dtype, self.device)
-        if batch.decode and self.compiled is not None:
-            return self.compiled(ids, positions, keep, batch)
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep, step_batch=batch)
-        return out.logits[0].float()  # (K, V)
-
-    @torch.inference_mode()
-    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+    def _forward(self, prefill: list[Chunk], decode: list[Chunk], all_decode: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One forward over ``prefill``'s chunks and then ``decode``'s tokens, as one flat row (padded to a multiple of
+        ``PREFILL_BUCKET`` tokens when it prefills); per prefill chunk its logits (all of them for ``all_logits``, else the last), and the
+        decode rows' logits (B, V) or None. ``all_decode``: a decode step (the compiled graph's, when there is one)."""
+        bs = BLOCK_SIZE
+        ids = [t for c in prefill for t in c.tokens]
+        positions = [p for c in prefill for p in range(c.start, c.start + len(c.tokens))]
+        slots = [s for c in prefill for s in self._slots(c)]
         starts = [0]
-        for c in chunks:
+        for c in prefill:
             starts.append(starts[-1] + len(c.tokens))
-        pad = -starts[-1] % PREFILL_BUCKET  # padding: one more "sequence" whose keys go to the null block
-        slots = torch.tensor([s for c in chunks for s in self._slots(c)] + [0] * pad, device=self.device)
-        cached = any(c.start > 0 for c in chunks)
+        # The row is padded to a multiple of PREFILL_BUCKET tokens (decode rows included): one more "sequence" whose
+        # keys go to the null block, placed before the decode rows.
+        pad = -(starts[-1] + len(decode)) % PREFILL_BUCKET if prefill else 0
+        ids += [0] * pad
+        positions += list(range(pad))
+        slots += [0] * pad
+        keep = [i for c, a, b in zip(prefill, starts, starts[1:]) for i in (range(a, b) if c.all_logits else [b - 1])]
+        decode_from = len(ids)
+        for c in decode:
+            ids.append(c.tokens[0])
+            positions.append(c.start)
+            slots.append(c.blocks[c.start // bs] * bs + c.start % bs)
+        keep += range(decode_from, decode_from + len(decode))
+        last = torch.tensor([c.start for c in decode], device=self.device) if decode else None
         batch = StepBatch(
             self.cache,
-            False,
-            slots,
+            not prefill,
+            torch.tensor(slots, device=self.device),
             starts + ([starts[-1] + pad] if pad else []),
-            [c.start for c in chunks] + ([0] if pad else []),
-            block_tables=self._tables(chunks) if cached else None,
+            [c.start for c in prefill] + ([0] if pad else []),
+            block_tables=self._tables(decode) if decode else None,
+            last_positions=last,
+            prefill_tables=self._tables(prefill) if any(c.start > 0 for c in prefill) else None,
+            decode_from=decode_from if prefill and decode else None,
+            context_lens=None if last is None else last + 1,
+            native_decode=self.native_decode,
         )
-        keep = [i for c, a, b in zip(chunks, starts, starts[1:]) for i in (range(a, b) if c.all_logits else [b - 1])]
-        logits = self._forward(chunks, batch, torch.tensor(keep, device=self.device), pad)
-        out, at = [], 0
-        for c in chunks:
+        if self.lora is not None:  # each token's row adapter, read by every LoRALinear of this forward
+            rows = [c.lora_slot for c in prefill for _ in c.tokens] + [0] * pad + [c.lora_slot for c in decode]
+            self.lora.set_step(rows, torch.tensor(keep, device=self.device), self.dtype, self.device)
+        ids_t = torch.tensor([ids], device=self.device)  # (1, N)
+        positions_t = torch.tensor([positions], device=self.device)
+        keep_t = torch.tensor(keep, device=self.device)
+        if all_decode and self.compiled is not None:
+            logits = self.compiled(ids_t, positions_t, keep_t, batch)
+        else:
+            logits = self.model(input_ids=ids_t, position_ids=positions_t, use_cache=False, logits_to_keep=keep_t, step_batch=batch).logits[0].float()
+        out, at = [], 0  # logits (K, V): the prefill chunks' kept rows, then one per decode row
+        for c in prefill:
             n = len(c.tokens) if c.all_logits else 1
             out.append(logits[at : at + n])
             at += n
-        return out
+        return out, (logits[at:] if decode else None)
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        return self._forward(chunks, [])[0]
 
     @torch.inference_mode()
     def decode(self, chunks: list[Chunk]) -> torch.Tensor:
-        bs = BLOCK_SIZE
-        slots = torch.tensor([c.blocks[c.start // bs] * bs + c.start % bs for c in chunks], device=self.device)
-        last = torch.tensor([c.start for c in chunks], device=self.device)
-        batch = StepBatch(
-            self.cache,
-            True,
-            slots,
-            list(range(len(chunks) + 1)),
-            [c.start for c in chunks],
-            self._tables(chunks),
-            last,
-            context_lens=last + 1,
-            native_decode=self.native_decode,
-        )
-        return self._forward(chunks, batch, torch.arange(len(chunks), device=self.device))  # (B, V)
+        return self._forward([], chunks, all_decode=True)[1]  # (B, V)
+
+    @torch.inference_mode()
+    def step(self, prefill: list[Chunk], decode: list[Chunk]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Prefill chunks and decoding sequences in one forward (vLLM V1's mixed batch): the model's per-layer work runs
+        once for both, where a separate decode forward would repeat it."""
+        return self._forward(prefill, decode)
 
     def release(self, seq_id: int) -> None:
         """Nothing to drop: a sequence's state is its blocks, which the scheduler returns to the pool."""
