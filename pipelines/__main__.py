@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_YAML = REPO / "pipelines" / "llm_lifecycle.yaml"
-DEFAULT_IMAGE = "ghcr.io/kserve-llm/predictor:0.1.0"
+DEFAULT_IMAGE = "ghcr.io/kserve-llm/pipelines:0.1.0"
 
 
 class UsageError(Exception):

@@ -2,8 +2,8 @@
 (``pipelines.dataset``, ``training``, ``optimize``, ``evaluate``, ``gate``, ``registry``, ``deploy``); the DAG is
 in ``pipelines.lifecycle``.
 
-Every component runs on the project's one image (``images/Dockerfile``; ``$KSERVE_LLM_IMAGE`` at compile
-time overrides the default) with ``install_kfp_package=False``: nothing is pip-installed when a step starts.
+Every component runs on the project's pipelines image (``images/Dockerfile``, target ``pipelines``;
+``$KSERVE_LLM_IMAGE`` at compile time overrides the default) with ``install_kfp_package=False``: nothing is pip-installed when a step starts.
 KFP ships each function's source to the container, so imports live inside the functions.
 """
 
@@ -14,7 +14,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-IMAGE = os.environ.get("KSERVE_LLM_IMAGE", "ghcr.io/kserve-llm/predictor:0.1.0")
+IMAGE = os.environ.get("KSERVE_LLM_IMAGE", "ghcr.io/kserve-llm/pipelines:0.1.0")
 component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_package=False)
 
 

@@ -2,7 +2,7 @@
 
 The step stages the prepared dataset on the workspace volume (a ReadWriteMany PVC every node mounts), creates a
 TrainJob on a torch runtime (``torch-distributed`` by default) that runs ``torchrun -m pipelines train`` in the
-project's image on ``num_nodes`` nodes, waits for it, and copies the model it wrote on the volume into the step's
+project's pipelines image on ``num_nodes`` nodes, waits for it, and copies the model it wrote on the volume into the step's
 output artifact for the next steps. ``pipelines.training.run_training`` calls this for a TrainJob, and in every
 trainer pod the command calls ``run_training`` again, to train there.
 
@@ -52,7 +52,7 @@ class TrainJobSettings:
 
     name: str
     namespace: str = "default"
-    image: str = "ghcr.io/kserve-llm/predictor:0.1.0"
+    image: str = "ghcr.io/kserve-llm/pipelines:0.1.0"
     num_nodes: int = 2
     gpus_per_node: int = 1
     gpu_resource: str = "nvidia.com/gpu"

@@ -88,7 +88,7 @@ def test_compiled_dag_condition_parallelism_and_cluster_settings(compiled):
     assert inputs["train_backend"]["defaultValue"] == "auto" and inputs["trainjob_runtime"]["defaultValue"] == "torch-distributed"
     for executor in spec["deploymentSpec"]["executors"].values():
         container = executor["container"]
-        assert container["image"] == "ghcr.io/kserve-llm/predictor:0.1.0"
+        assert container["image"] == "ghcr.io/kserve-llm/pipelines:0.1.0"
         assert "pip install" not in " ".join(container["command"]), "components must not pip-install at run time"
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-train-model"]["pvcMount"][0]["mountPath"] == "/workspace"
