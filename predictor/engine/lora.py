@@ -30,6 +30,9 @@ vLLM's routes): every projection of the model is wrapped at start-up with slots 
 an adapter registered later, checked as at start-up, is served at once. An adapter being unloaded takes no new
 requests and leaves once its waiting and running requests are done. Each registration has its own ``uid``, which
 seeds the prefix-cache hashes: an adapter loaded again under the same name never reuses the old one's blocks.
+
+Over 400 lines because it is one piece: the adapter format's checks, the stacked slots and the per-row delta they feed,
+and the registry that hands slots out and evicts, which share the slot layout above.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ are first prepacked for oneDNN (``packing.py``); the runner owns the model from 
 route through the interface, or remote code): its own ``forward`` and a cache per sequence, correct
 but decoded row by row. ``OnnxRunner`` runs an exported graph with ONNX Runtime, its running batch
 decoded together.
+
+Over 400 lines because it holds the three runners behind one interface (``ModelRunner``), so that the engine's one
+call site (``make_runner``) and the reasons a model falls back are read in one place; the paged runner is most of it.
 """
 
 from __future__ import annotations
