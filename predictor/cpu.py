@@ -38,8 +38,8 @@ class CpuInfo:
     @property
     def compiles_by_default(self) -> bool:
         """Whether ``--compile`` is on unless a flag says otherwise: on CPUs with AMX. Measured, bfloat16 SmolLM2, 2 cores,
-        median decode step: Intel Xeon with AMX 21.3 / 25.4 ms compiled against 25.2 / 32.9 ms eager at batch 1 / 16
-        (1.18x / 1.30x); AMD EPYC (AVX512-BF16, no AMX) 14.0 / 18.9 against 12.4 / 20.8 ms (0.88x / 1.10x)."""
+        median decode step, back to back on a quiet machine: Intel Xeon with AMX 24.6 / 29.9 ms compiled against 29.0 / 36.1 ms
+        eager at batch 1 / 16 (1.18x / 1.21x); AMD EPYC (AVX512-BF16, no AMX) 14.0 / 18.9 against 12.4 / 20.8 ms (0.88x / 1.10x)."""
         return "amx_tile" in self.flags
 
     def describe(self) -> str:

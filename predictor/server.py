@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Run the decode step as one torch.compile graph (CPU, paged runner; compiled at start-up, cached under "
         "$KSERVE_LLM_CACHE/inductor). The default, neither flag: on CPUs with AMX, where a bfloat16 SmolLM2 step measured "
-        "1.18x faster at batch 1 and 1.30x at batch 16 (Intel Xeon, 2 cores); eager elsewhere (AMD EPYC: 0.88x at batch 1, "
+        "1.18x faster at batch 1 and 1.21x at batch 16 (Intel Xeon, 2 cores); eager elsewhere (AMD EPYC: 0.88x at batch 1, "
         "1.10x at batch 16). A model that does not compile is served eagerly, and the log says why.",
     )
     engine.add_argument("--no_compile", dest="compile", action="store_false", help="Serve eagerly, whatever the CPU.")

@@ -3,8 +3,8 @@
 A decode step runs one token per sequence through every layer: on SmolLM2 (30 layers) about 1,200 small tensor
 operations, each dispatched from Python in eager mode. Compiled, the elementwise work between the matrix products
 (norms, rotary embeddings, residual adds, the gated activation) becomes a few fused C++ loops, and Python runs once
-per step. Measured (2 cores, bfloat16 SmolLM2, median step): on an Intel Xeon with AMX 21.3 / 25.4 ms compiled
-against 25.2 / 32.9 ms eager at batch 1 / 16 (1.18x / 1.30x); on an AMD EPYC without AMX 18.9 against 20.8 ms at
+per step. Measured (2 cores, bfloat16 SmolLM2, median step): on an Intel Xeon with AMX 24.6 / 29.9 ms compiled
+against 29.0 / 36.1 ms eager at batch 1 / 16 (1.18x / 1.21x); on an AMD EPYC without AMX 18.9 against 20.8 ms at
 batch 16 (1.10x) but 14.0 against 12.4 ms at batch 1 (0.88x): there dynamo's guard check (~1.5 ms a step) and the
 opaque operators' Python calls cost more than the fusion saves. So the server compiles by default where the CPU
 has AMX (``cpu.CpuInfo.compiles_by_default``), and otherwise with ``--compile``.
