@@ -111,7 +111,11 @@ def test_a_batch_mixing_nucleus_strategies_filters_each_row_as_alone():
     logits = torch.stack([torch.randn(49152, generator=g) * s for s in scales])
     params = [SamplingParams(temperature=1.0, top_p=tp) for tp in (0.9, 0.95, 0.9, 0.5, 0.99, 0.9)]
     dense = torch.full_like(logits, float("-inf"))
-    for group in sampler.filter_rows(logits, params):
+    groups = sampler.filter_rows(logits, params)
+    # The peaked rows are sorted from above a threshold; the others have more than THRESHOLD_SORT_TOKENS tokens above
+    # 1e-5 and take the histogram search (no ranked ids).
+    assert sorted(r for g in groups if g.ids is None for r in g.rows) == [1, 2, 3, 5]
+    for group in groups:
         for i, row in enumerate(group.rows):
             kept = torch.isfinite(group.logits[i])  # padding entries (id 0, -inf) are not tokens
             dense[row, kept.nonzero()[:, 0] if group.ids is None else group.ids[i][kept]] = group.logits[i][kept]
@@ -163,15 +167,16 @@ def test_one_selection_for_the_whole_batch(monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [8.0, 3.0, 0.5])
-def test_the_bisection_keeps_what_the_threshold_keeps(monkeypatch, scale):
-    """With the threshold disabled, every row is bisected, down to a few tokens sorted or to one sorted range: the
-    same kept set as the threshold's (or the reference's, up to float32 ties at its boundary)."""
+def test_the_histogram_search_keeps_what_the_threshold_keeps(monkeypatch, scale):
+    """With the threshold disabled, every row goes to the histogram search, down to a few tokens sorted or to one
+    sorted range: the same kept set as the threshold's (or the reference's, up to float32 ties at its boundary)."""
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2)) * scale
     params = [SamplingParams(temperature=1.0, top_p=tp) for tp in (0.9, 0.5, 0.99)]
     fast = [torch.isfinite(filter_logits(logits[r], params[r])) for r in range(3)]
     monkeypatch.setattr(sampler, "NUCLEUS_THRESHOLDS", ())
-    for tokens in (4096, 256, 1):  # a sorted range of a few thousand or a few hundred tokens, and every step run
-        monkeypatch.setattr(sampler, "BISECTION_TOKENS", tokens)
+    for tokens, buckets in ((4096, 1024), (256, 1024), (1, 1024), (1, 2)):  # a sorted range of a few thousand or a few hundred tokens, every level run, tiny histograms
+        monkeypatch.setattr(sampler, "NUCLEUS_SORT_TOKENS", tokens)
+        monkeypatch.setattr(sampler, "HISTOGRAM_BUCKETS", buckets)
         (group,) = sampler.filter_rows(logits, params)
         assert group.ids is None
         for r in range(3):
