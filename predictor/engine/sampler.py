@@ -24,10 +24,11 @@ NUCLEUS_THRESHOLDS = (1e-3, 1e-5)
 HISTOGRAM_BUCKETS = 1024
 HISTOGRAM_LEVELS = 4
 NUCLEUS_SORT_TOKENS = 4096
-# A row with more tokens above a threshold than this goes on to the histogram search: sorting 16 rows of ~7,000
-# candidates (GPT-2's random weights at temperature 0.2) measured 8 ms against 14 ms for the histogram search, and 16
-# flat rows of 50,257 tokens 50 ms against 14 ms, on this project's AMD EPYC (2 threads).
-THRESHOLD_SORT_TOKENS = 8192
+# A row with more tokens above a threshold than this goes on to the histogram search, whose cost hardly depends on the
+# row: for 16 rows on this project's AMD EPYC (2 threads), sorting ~7,000 candidates a row (GPT-2's random weights at
+# temperature 0.2, the whole draw) took 7-9 ms, the histogram search of flat rows of 50,257 tokens 13-19 ms, and sorting
+# those 50 ms.
+THRESHOLD_SORT_TOKENS = 16384
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]]) -> None:
