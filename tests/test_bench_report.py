@@ -134,3 +134,25 @@ def test_short_outputs_are_noted():
 def test_vllm_script_parses():
     script = Path(serving.__file__).with_name("vllm_cpu.sh")
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_compare_checkouts_reports_after_over_before_per_model():
+    """The no-regression report: each run's pair, then after ÷ before over the means of each checkout's runs."""
+    from benchmarks import compare_checkouts
+
+    rows = [
+        {"model": "gpt2", "rep": 0, "tree": "before", "c16": 400.0, "c1": 50.0, "sampled_c16": 300.0},
+        {"model": "gpt2", "rep": 0, "tree": "after", "c16": 440.0, "c1": 45.0, "sampled_c16": 300.0},
+        {"model": "gpt2", "rep": 1, "tree": "after", "c16": 460.0, "c1": 45.0, "sampled_c16": 330.0},
+        {"model": "gpt2", "rep": 1, "tree": "before", "c16": 400.0, "c1": 50.0, "sampled_c16": 300.0},
+    ]
+    text = compare_checkouts.report(rows, Path("/b"), Path("/a"))
+    assert "| gpt2 | 1 | 400.0 | 440.0 | 50.0 | 45.0 | 300.0 | 300.0 |" in text
+    assert "| gpt2 | after ÷ before (means) | | 1.12× | | 0.90× | | 1.05× |" in text
+
+
+def test_compare_checkouts_refuses_a_directory_that_is_not_a_checkout(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare_checkouts", "--before", str(tmp_path)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "is not a checkout of this repository" in out.stderr
