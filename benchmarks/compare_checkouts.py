@@ -5,14 +5,13 @@ the serving benchmark's load: the "no regression" check between commits, as same
     python -m benchmarks.compare_checkouts --before /tmp/before --after . --models gpt2 smollm2 --reps 2
 
 Each server runs in bfloat16 with its checkout as the working directory (so ``python -m predictor`` imports that
-checkout's code), measured greedy at C=16 and C=1 and sampled (temperature 0.2, top_p 0.9) at C=16; writes
-``compare.{md,json}`` under ``--out``.
+checkout's code), measured by the serving benchmark's own runs (``serving.predictor_runs``: greedy at C=1 and C=16,
+sampled with temperature 0.2, top_p 0.9 at C=16, the same prompts for both); writes ``compare.{md,json}`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import tempfile
@@ -20,25 +19,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from predictor.launch import start_server
-
 from . import model as bench_model
-from .loadgen import run_load
-from .serving import SAMPLED, make_prompts
+from . import serving
 
 
-def measure(tree: Path, model_dir: Path, vocab: int, max_tokens: int) -> dict:
-    c16, c1 = make_prompts(32, 32, vocab, 1), make_prompts(2, 32, vocab, 2)
+def measure(tree: Path, kind: str, args: argparse.Namespace) -> dict:
+    """One server of checkout ``tree`` on benchmark model ``kind``, through the serving benchmark's own runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(model_dir, Path(tmp), "--dtype", "bfloat16", "--max_num_seqs", "16", "--max_model_len", str(32 + max_tokens), name="m", cwd=tree)
-        try:
-            asyncio.run(run_load("warm-up", server.url, "m", c16[:16], 8, 16, rounds=1))
-            greedy16 = asyncio.run(run_load("c16", server.url, "m", c16, max_tokens, 16, rounds=2))
-            greedy1 = asyncio.run(run_load("c1", server.url, "m", c1, max_tokens, 1, rounds=2))
-            sampled16 = asyncio.run(run_load("s16", server.url, "m", c16, max_tokens, 16, rounds=2, **SAMPLED))
-        finally:
-            server.stop()
-    return {"c16": greedy16.tokens_per_s, "c1": greedy1.tokens_per_s, "sampled_c16": sampled16.tokens_per_s}
+        runs = serving.predictor_runs(
+            bench_model.model_dir(kind),
+            serving.bench_prompts(bench_model.vocab_size(kind), args),
+            args,
+            Path(tmp),
+            args.prompt_len + args.max_tokens,
+            "bfloat16",
+            sampled=True,
+            cwd=tree,
+        )
+    c1, c16, sampled = runs  # measure_server's order: C=1, C=concurrency, sampled at C
+    return {"c1": c1["tokens_per_s"], "c16": c16["tokens_per_s"], "sampled_c16": sampled["tokens_per_s"]}
 
 
 KEYS = ("c16", "c1", "sampled_c16")
@@ -72,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, required=True, help="A checkout of the earlier commit (git worktree add).")
     parser.add_argument("--after", type=Path, default=Path("."))
     parser.add_argument("--models", nargs="+", choices=["gpt2", "smollm2", "llama"], default=["gpt2", "smollm2"])
-    parser.add_argument("--reps", type=int, default=2, help="Runs of each checkout per model, alternated.")
+    parser.add_argument("--reps", type=int, default=2, help="Runs of each checkout per model, alternated (at least 1).")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="Requests per client in each measured run.")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.rounds < 1 or args.max_tokens < 1:
+        parser.error("--reps, --rounds and --max-tokens must be at least 1")
+    args.concurrency, args.prompt_len = 16, 32  # the serving benchmark's load
     for tree in (args.before, args.after):
         if not (tree / "predictor" / "__main__.py").is_file():
             parser.error(f"{tree} is not a checkout of this repository (no predictor/__main__.py)")
@@ -83,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(kind, rep, name) for kind in args.models for rep in range(args.reps) for name in (["before", "after"] if rep % 2 == 0 else ["after", "before"])]
     rows = []
     for kind, rep, name in tqdm(plan, desc="servers", unit="run"):
-        model_dir = bench_model.model_dir(kind)
-        rows.append({"model": kind, "rep": rep, "tree": name, **measure(trees[name], model_dir, bench_model.vocab_size(kind), args.max_tokens)})
+        try:
+            rows.append({"model": kind, "rep": rep, "tree": name, **measure(trees[name], kind, args)})
+        except RuntimeError as exc:  # start_server: the server exited or never became ready (its log's tail)
+            parser.exit(1, f"compare_checkouts: the {name} checkout ({trees[name]}) did not serve {kind}: {exc}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(rows, indent=1))
     text = report(rows, args.before, args.after)

@@ -107,8 +107,16 @@ def measure_server(name: str, url: str, model: str, prompts: dict, args: argpars
     return results
 
 
-def predictor_runs(model_dir: Path, prompts: dict, args: argparse.Namespace, log_dir: Path, max_len: int, dtype: str, sampled: bool) -> list[dict]:
-    server = start_server(model_dir, log_dir, "--dtype", dtype, "--max_num_seqs", str(args.concurrency), "--max_model_len", str(max_len), name="m", cwd=REPO)
+def bench_prompts(vocab: int, args: argparse.Namespace) -> dict[str, list[list[int]]]:
+    """The run's prompts by use (``PROMPT_SEEDS``): the same for every server of a run."""
+    return {key: make_prompts(args.concurrency * max(args.rounds, 1), args.prompt_len, vocab, seed) for key, seed in PROMPT_SEEDS.items()}
+
+
+def predictor_runs(
+    model_dir: Path, prompts: dict, args: argparse.Namespace, log_dir: Path, max_len: int, dtype: str, sampled: bool, cwd: Path = REPO
+) -> list[dict]:
+    """The predictor's greedy runs (and the sampled one), served from the checkout ``cwd`` (default: this one)."""
+    server = start_server(model_dir, log_dir, "--dtype", dtype, "--max_num_seqs", str(args.concurrency), "--max_model_len", str(max_len), name="m", cwd=cwd)
     try:
         results = measure_server("predictor", server.url, "m", prompts, args, sampled)
     finally:
@@ -271,7 +279,7 @@ class VllmState:
 
 def bench_model_runs(kind: str, model_dir: Path, args: argparse.Namespace, vllm: VllmState) -> tuple[str, dict]:
     vocab, c = bench_model.vocab_size(kind), args.concurrency
-    prompts = {key: make_prompts(c * max(args.rounds, 1), args.prompt_len, vocab, seed) for key, seed in PROMPT_SEEDS.items()}
+    prompts = bench_prompts(vocab, args)
     max_len = args.prompt_len + args.max_tokens
     baselines = kind == "gpt2"  # the seed and batching-off runs answer the first serving issue, on GPT-2
     errors_before = len(vllm.errors)

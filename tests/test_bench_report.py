@@ -151,8 +151,11 @@ def test_compare_checkouts_reports_after_over_before_per_model():
     assert "| gpt2 | after ÷ before (means) | | 1.12× | | 0.90× | | 1.05× |" in text
 
 
-def test_compare_checkouts_refuses_a_directory_that_is_not_a_checkout(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare_checkouts", "--before", str(tmp_path)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
-    )
-    assert out.returncode == 2 and "is not a checkout of this repository" in out.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--before", "{tmp}"], "is not a checkout of this repository"), (["--before", ".", "--reps", "0"], "must be at least 1")],
+)
+def test_compare_checkouts_refuses_bad_arguments(tmp_path, args, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.compare_checkouts", *argv], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr

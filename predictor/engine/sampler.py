@@ -17,7 +17,8 @@ import torch
 from ..sampling import SamplingParams, TokenLogprob
 
 # Top-p looks first at the tokens above these probabilities (sorting 49,152 tokens costs ~10 ms a row on one core);
-# rows whose nucleus reaches below them (nearly flat distributions) go to the histogram search (``_histogram_nucleus``).
+# rows whose nucleus reaches below them, or with too many tokens above them to sort (THRESHOLD_SORT_TOKENS: nearly flat
+# distributions), go to the histogram search (``_histogram_nucleus``).
 NUCLEUS_THRESHOLDS = (1e-3, 1e-5)
 # The histogram search narrows a row's undecided tokens, HISTOGRAM_BUCKETS probability ranges per level, until at most
 # NUCLEUS_SORT_TOKENS are left (then they are sorted), for at most HISTOGRAM_LEVELS levels.
@@ -166,7 +167,7 @@ def _nucleus(probs: torch.Tensor, top_p: list[float]) -> list[Candidates]:
 def _histogram_nucleus(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """Top-p on (R, V) probabilities whose nucleus is wide (a flat distribution), without sorting the vocabulary.
     Each level spreads a row's still undecided tokens over HISTOGRAM_BUCKETS equal probability ranges and sums each
-    range's mass (one weighted ``bincount`` for all rows): ranges whose mass ahead, counted from the most likely, is
+    range's mass (one ``scatter_add`` for all rows): ranges whose mass ahead, counted from the most likely, is
     below top_p are in the nucleus; ranges with at least top_p ahead are out; only the range where top_p is crossed
     stays undecided. Levels repeat until at most NUCLEUS_SORT_TOKENS tokens are undecided in any row, and those are
     sorted. Returns the rows' log-probabilities, ``-inf`` outside the nucleus."""
