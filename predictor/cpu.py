@@ -37,10 +37,13 @@ class CpuInfo:
 
     @property
     def compiles_by_default(self) -> bool:
-        """Whether ``--compile`` is on unless a flag says otherwise: on CPUs with AMX. Measured, bfloat16 SmolLM2, 2 cores,
-        median decode step, back to back on a quiet machine: Intel Xeon with AMX 24.6 / 29.9 ms compiled against 29.0 / 36.1 ms
-        eager at batch 1 / 16 (1.18x / 1.21x); AMD EPYC (AVX512-BF16, no AMX) 14.0 / 18.9 against 12.4 / 20.8 ms (0.88x / 1.10x)."""
-        return "amx_tile" in self.flags
+        """Whether ``--compile`` is on unless a flag says otherwise: on CPUs that multiply bfloat16 natively (AMX or
+        AVX512-BF16). Measured, bfloat16 SmolLM2, 2 cores: Intel Xeon with AMX, median decode step in process, 24.6 / 29.9 ms
+        compiled against 29.0 / 36.1 ms eager at batch 1 / 16 (1.18x / 1.21x); AMD EPYC (AVX512-BF16, no AMX), served (the
+        closed loop of ``make bench``, two servers of each alternated), 37.7-40.8 against 33.0-34.6 tok/s at C=1 and
+        359-361 against 292-319 at C=16 (1.09-1.24x, 1.13-1.23x). In process on another AMD EPYC, batch 1 read 0.88x;
+        served, the eager step's ~1,200 Python-dispatched operators also wait on the event loop's thread for the GIL."""
+        return self.native_bf16
 
     def describe(self) -> str:
         return f"{self.model} ({', '.join(self.matmul_flags) or 'no AVX2/AVX512/AMX'})"

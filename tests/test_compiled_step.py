@@ -1,6 +1,6 @@
 """The compiled decode step (``predictor/engine/compiled_step.py``): torch.compile over the paged runner's forward.
 
-- served with ``--compile`` (by default on CPUs with AMX only; tests/conftest passes ``--no_compile`` unless a test asks), greedy output
+- served with ``--compile`` (by default on CPUs with AMX or AVX512-BF16; tests/conftest passes ``--no_compile`` unless a test asks), greedy output
   equals ``model.generate`` in float32, alone and batched, for a Llama-shaped and a GPT-2 model (slow: ``make test-slow``);
 - one graph serves every batch size and block-table width: no recompiles as traffic changes shape;
 - a model whose step fails to compile is served eagerly, and the runner says why.
@@ -77,6 +77,8 @@ def test_one_graph_serves_every_batch_size_with_eager_logits(models_root, tiny_m
     assert runner.compiled is not None, runner.path
     compiled = _steps(runner, [1, 3, 5, 2], vocab)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+    # Traced once: a restarted analysis (module floats made symbols, then specialised) traces the model twice at every start.
+    assert torch._dynamo.utils.counters["aot_autograd"]["total"] == 1, dict(torch._dynamo.utils.counters["aot_autograd"])
     for e, c in zip(eager, compiled):
         assert e.shape == c.shape
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
@@ -119,22 +121,28 @@ def test_a_step_that_fails_to_compile_is_served_eagerly_and_says_why(models_root
     assert all(torch.isfinite(x).all() for x in logits)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_by_default_the_step_compiles_on_cpus_with_amx_only(amx, models_root, tiny_model_dir, monkeypatch):
-    """Neither --compile nor --no_compile: compiled where AMX is (measured faster there at batch 1 and 16), eager elsewhere.
-    The compile itself is made to fail here (fast): that the runner tried is what the AMX case shows."""
+@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "avx2"])
+def test_by_default_the_step_compiles_on_cpus_with_native_bfloat16_only(cpu, models_root, tiny_model_dir, monkeypatch):
+    """Neither --compile nor --no_compile: compiled where the CPU multiplies bfloat16 natively (AMX or AVX512-BF16:
+    measured faster there, at C=1 and C=16), eager elsewhere. The compile itself is made to fail here (fast): that the
+    runner tried is what the compiling cases show."""
     from predictor.cpu import CpuInfo
     from predictor.engine import runner as runner_module
 
-    flags = {"avx512f", "avx512_bf16", "avx512_vnni"} | ({"amx_tile", "amx_bf16", "amx_int8"} if amx else set())
+    flags = {
+        "amx": {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"},
+        "avx512_bf16": {"avx2", "avx512f", "avx512_bf16", "avx512_vnni"},
+        "avx2": {"avx2", "avx512f", "avx512_vnni"},
+    }[cpu]
+    compiles = cpu != "avx2"
     monkeypatch.setattr(runner_module, "cpu_info", lambda: CpuInfo("test CPU", frozenset(flags)))
     monkeypatch.setattr(compiled_step.CompiledDecode, "_forward", lambda self, *args: (_ for _ in ()).throw(RuntimeError("not compiled in this test")))
     runner = _runner(build_model("llama", models_root / "llama", tiny_model_dir), compile=None)
-    if amx:
+    if compiles:
         assert "decode step: eager (compiling failed: RuntimeError: not compiled in this test)" in runner.path
     else:
-        assert "decode step: eager (the default on a CPU without AMX" in runner.path
-    assert CpuInfo("x", frozenset(flags)).compiles_by_default is amx
+        assert "decode step: eager (the default on a CPU without AMX or AVX512-BF16" in runner.path
+    assert CpuInfo("x", frozenset(flags)).compiles_by_default is compiles
 
 
 def test_inductor_cache_goes_under_the_project_cache_whatever_imports_dynamo_first(tmp_path):

@@ -3,11 +3,13 @@
 A decode step runs one token per sequence through every layer: on SmolLM2 (30 layers) about 1,200 small tensor
 operations, each dispatched from Python in eager mode. Compiled, the elementwise work between the matrix products
 (norms, rotary embeddings, residual adds, the gated activation) becomes a few fused C++ loops, and Python runs once
-per step. Measured (2 cores, bfloat16 SmolLM2, median step): on an Intel Xeon with AMX 24.6 / 29.9 ms compiled
-against 29.0 / 36.1 ms eager at batch 1 / 16 (1.18x / 1.21x); on an AMD EPYC without AMX 18.9 against 20.8 ms at
-batch 16 (1.10x) but 14.0 against 12.4 ms at batch 1 (0.88x): there dynamo's guard check (~1.5 ms a step) and the
-opaque operators' Python calls cost more than the fusion saves. So the server compiles by default where the CPU
-has AMX (``cpu.CpuInfo.compiles_by_default``), and otherwise with ``--compile``.
+per step. Measured (2 cores, bfloat16 SmolLM2): on an Intel Xeon with AMX, median step in process, 24.6 / 29.9 ms
+compiled against 29.0 / 36.1 ms eager at batch 1 / 16 (1.18x / 1.21x); on an AMD EPYC without AMX (AVX512-BF16),
+served under ``make bench``'s closed loop, 1.09-1.24x the eager server's tokens/s at C=1 and 1.13-1.23x at C=16 (in
+process there batch 1 read 0.88x: dynamo's guard check, ~1.5 ms a step, against a fast eager step; served, the eager
+step's ~1,200 Python-dispatched operators also contend for the GIL with the event loop's thread). So the server
+compiles by default where the CPU multiplies bfloat16 natively (``cpu.CpuInfo.compiles_by_default``), and elsewhere
+with ``--compile``.
 
 What the graph holds:
 - the model's own modules, traced by dynamo;
@@ -25,9 +27,15 @@ plain dynamic dimension is specialised at sizes 0 and 1, which would compile twi
 recompiles. The block-table width is unbacked as well. Prefill stays eager: its shapes vary with every prompt and
 its time goes to large matrix products, where Python's share is small.
 
+The module's float attributes (norm epsilons, rotary scaling, the embedding's ``norm_type``) are specialised
+(``specialize_float``): under ``dynamic=True`` dynamo first makes them symbols, inductor then asks for them as
+constants, and dynamo restarts its analysis, tracing the model twice at every start (measured on the AMD EPYC: a
+warm start's compile 32.8 s with the restart, 10.2 s without).
+
 The graph is compiled at start-up, before the server is ready (``warm_up``: one step on the null block), with
 inductor's caches under ``$KSERVE_LLM_CACHE/inductor`` so that a restart on the same machine reuses the compiled
-code. Anything that fails while compiling leaves the runner eager, and the log says why.
+code (inductor's FX graph cache and AOTAutograd's cache: a warm start re-runs only dynamo's tracing). Anything that
+fails while compiling leaves the runner eager, and the log says why.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
     from .attention import StepBatch
 
 logger = logging.getLogger("kserve")
+
 
 class CompiledDecode:
     """``model``'s forward for decode steps, compiled: ``(ids (1, B), positions (1, B), keep (B,), batch) → logits (B, V)``."""
@@ -66,7 +75,8 @@ class CompiledDecode:
             mark_unbacked(tensor, 0)
         mark_unbacked(batch.block_tables, 0)
         mark_unbacked(batch.block_tables, 1)
-        return self._step(ids, positions, keep, batch)
+        with torch._dynamo.config.patch(specialize_float=True):  # read only while tracing (the first call, recompiles)
+            return self._step(ids, positions, keep, batch)
 
 
 def compile_decode(warm_up: Callable[[], object]) -> str | None:

@@ -175,7 +175,8 @@ class PagedRunner(ModelRunner):
         if compile is None and device.type != "cpu":
             step = "eager (the compiled step runs on CPU only so far)"
         elif compile is None:  # by the CPU (cpu.CpuInfo.compiles_by_default: where it measured faster)
-            step = self._compile() if cpu_info().compiles_by_default else "eager (the default on a CPU without AMX, where compiling measured slower at batch 1)"
+            without = "eager (the default on a CPU without AMX or AVX512-BF16, where compiling was not measured faster)"
+            step = self._compile() if cpu_info().compiles_by_default else without
         else:
             step = self._compile() if compile else "eager (--no_compile)"
         self.path = (
