@@ -41,8 +41,8 @@ class CpuInfo:
         AVX512-BF16). Measured, bfloat16 SmolLM2, 2 cores: Intel Xeon with AMX, median decode step in process, 24.6 / 29.9 ms
         compiled against 29.0 / 36.1 ms eager at batch 1 / 16 (1.18x / 1.21x); AMD EPYC (AVX512-BF16, no AMX), served (the
         closed loop of ``make bench``, two servers of each alternated), 37.7-40.8 against 33.0-34.6 tok/s at C=1 and
-        359-361 against 292-319 at C=16 (1.09-1.24x, 1.13-1.23x). In process on another AMD EPYC, batch 1 read 0.88x;
-        served, the eager step's ~1,200 Python-dispatched operators also wait on the event loop's thread for the GIL."""
+        359-361 against 292-319 at C=16 (1.09-1.24x, 1.13-1.23x; before ``memory.py``'s malloc thresholds were raised, not
+        re-measured since). In process on another AMD EPYC, batch 1 had read 0.88x."""
         return self.native_bf16
 
     def describe(self) -> str:

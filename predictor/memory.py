@@ -3,7 +3,8 @@
 glibc raises its mmap threshold each time a large block is freed, after which large tensors come from
 the heap and freed ones stay resident (fragmentation): resident memory creeps up with traffic. Fixing
 the thresholds stops the creep: tensors above ``MMAP_THRESHOLD_BYTES`` go to mmap, which returns them to
-the system when freed, and at most ``TRIM_THRESHOLD_BYTES`` of free heap stays resident per arena.
+the system when freed, and free memory at the top of a heap beyond ``TRIM_THRESHOLD_BYTES`` is released
+(free blocks below a live one stay, as with any threshold: flatness is measured, in ``test_engine_serving``).
 
 Both are large on purpose. Memory that is mapped again on every allocation is paid for in page faults:
 with a 128 KiB mmap threshold (and glibc's 128 KiB trim threshold) each prefill's activations were

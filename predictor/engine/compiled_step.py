@@ -5,9 +5,9 @@ operations, each dispatched from Python in eager mode. Compiled, the elementwise
 (norms, rotary embeddings, residual adds, the gated activation) becomes a few fused C++ loops, and Python runs once
 per step. Measured (2 cores, bfloat16 SmolLM2): on an Intel Xeon with AMX, median step in process, 24.6 / 29.9 ms
 compiled against 29.0 / 36.1 ms eager at batch 1 / 16 (1.18x / 1.21x); on an AMD EPYC without AMX (AVX512-BF16),
-served under ``make bench``'s closed loop, 1.09-1.24x the eager server's tokens/s at C=1 and 1.13-1.23x at C=16 (in
-process there batch 1 read 0.88x: dynamo's guard check, ~1.5 ms a step, against a fast eager step; served, the eager
-step's ~1,200 Python-dispatched operators also contend for the GIL with the event loop's thread). So the server
+served under ``make bench``'s closed loop, 1.09-1.24x the eager server's tokens/s at C=1 and 1.13-1.23x at C=16
+(measured before ``memory.py``'s malloc thresholds were raised; in process on another AMD EPYC batch 1 had read 0.88x:
+dynamo's guard check, ~1.5 ms a step, against a fast eager step). So the server
 compiles by default where the CPU multiplies bfloat16 natively (``cpu.CpuInfo.compiles_by_default``), and elsewhere
 with ``--compile``.
 
