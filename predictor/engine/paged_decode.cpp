@@ -29,10 +29,13 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -174,6 +177,26 @@ inline void score_rows(const vfloat* q, const float* const* k, float* s) {
   vstore(s, transpose_sum(part));
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 keys scored where they lie, by AVX512-BF16's pairwise dot product (vdpbf16ps: products exact, sums in
+// float): s[r] = q · k[r] for the 16 rows k[0..16), q given as NB vectors of 32 bfloat16. No widening to float.
+constexpr bool kDotBF16 = W == 16;
+template <int NB>
+inline void score_rows_bf16(const __m512bh* q, const c10::BFloat16* const* k, float* s) {
+  vfloat part[W];
+#pragma GCC unroll 16
+  for (int r = 0; r < W; ++r) {
+    __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[0], (__m512bh)_mm512_loadu_si512(k[r]));
+#pragma GCC unroll 8
+    for (int t = 1; t < NB; ++t) acc = _mm512_dpbf16_ps(acc, q[t], (__m512bh)_mm512_loadu_si512(k[r] + t * 32));
+    part[r] = (vfloat)acc;
+  }
+  vstore(s, transpose_sum(part));
+}
+#else
+constexpr bool kDotBF16 = false;
+#endif
+
 // acc (NV vectors) += sum over rows r0..r1 of w[r] * v[r].
 template <int NV>
 inline void accumulate_rows(float* acc, const float* w, const float* const* v, int64_t r0, int64_t r1) {
@@ -228,7 +251,7 @@ void decode_kernel(const T* query, int64_t q_sb, int64_t q_sh, const T* key_pool
                     num_blocks, ")");
       for (int64_t g = 0; g < G; ++g) {
         const T* qs = query + b * q_sb + (kh * G + g) * q_sh;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = Rows<T>::one(qs[d]) * scale;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = Rows<T>::one(qs[d]);
       }
       // scores[g * span + i]: head g's score of position first * BS + i; the valid ones are [vlo, vhi).
       const int64_t span = (last - first + 1) * BS, vlo = lo - first * BS, vhi = ctx - first * BS;
@@ -249,7 +272,20 @@ void decode_kernel(const T* query, int64_t q_sb, int64_t q_sh, const T* key_pool
       for (int64_t blk = first; blk <= last; ++blk) {
         fetch_to(blk - first + 1 + kPrefetchBlocks);
         float* s = scores.data() + (blk - first) * BS;
-        if constexpr (DC > 0) {
+        if constexpr (DC > 0 && std::is_same_v<T, c10::BFloat16> && kDotBF16) {
+#if defined(__AVX512BF16__)
+          const T* base = key_pool + table[blk] * block_stride + kh * D;
+          const T* krows[W];
+          for (int64_t g = 0; g < G; ++g) {
+            __m512bh q[DC / 32];
+            for (int t = 0; t < DC / 32; ++t) q[t] = (__m512bh)_mm512_loadu_si512(query + b * q_sb + (kh * G + g) * q_sh + t * 32);
+            for (int64_t c = 0; c < BS; c += W) {
+              for (int r = 0; r < W; ++r) krows[r] = base + (c + r) * row_stride;
+              score_rows_bf16<DC / 32>(q, krows, s + g * span + c);
+            }
+          }
+#endif
+        } else if constexpr (DC > 0) {
           block_rows(key_pool, table[blk], kh, 0, BS);
           for (int64_t g = 0; g < G; ++g) {
             vfloat q[NV];
@@ -264,9 +300,11 @@ void decode_kernel(const T* query, int64_t q_sb, int64_t q_sh, const T* key_pool
         }
       }
 
-      // Softmax per head over the valid positions, in place: softcap, max-subtraction, exp, sum.
+      // Softmax per head over the valid positions, in place: scale, softcap, max-subtraction, exp, sum.
       for (int64_t g = 0; g < G; ++g) {
         float* __restrict s = scores.data() + g * span;
+#pragma omp simd
+        for (int64_t i = vlo; i < vhi; ++i) s[i] *= scale;
         if (softcap > 0.0f) {
           for (int64_t i = vlo; i < vhi; ++i) s[i] = std::tanh(s[i] / softcap) * softcap;
         }
