@@ -32,6 +32,12 @@ The module's float attributes (norm epsilons, rotary scaling, the embedding's ``
 constants, and dynamo restarts its analysis, tracing the model twice at every start (measured on the AMD EPYC: a
 warm start's compile 32.8 s with the restart, 10.2 s without).
 
+Once compiled, the graph's guards are no longer evaluated (``set_stance(skip_guard_eval_unsafe=True)``): they check
+every parameter and every field of the step's ``StepBatch``, ~1.3 ms a step on the AMD EPYC (torch.profiler's
+"TorchDynamo Cache Lookup", SmolLM2, B=16), 0.5 ms without. That is safe here because every decode step calls the
+graph with inputs of one structure (the runner builds them; the token and block-table dimensions are unbacked, so
+no size ever asks for another graph) on the same model, in inference mode.
+
 The graph is compiled at start-up, before the server is ready (``warm_up``: one step on the null block), with
 inductor's caches under ``$KSERVE_LLM_CACHE/inductor`` so that a restart on the same machine reuses the compiled
 code (inductor's FX graph cache and AOTAutograd's cache: a warm start re-runs only dynamo's tracing). Anything that
@@ -62,6 +68,7 @@ class CompiledDecode:
     def __init__(self, model: nn.Module):
         self.model = model
         self._step = torch.compile(self._forward, dynamic=True)
+        self.warmed = False  # set once the warm-up step compiled the graph: from then on its guards are not evaluated
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep, step_batch=batch)
@@ -75,6 +82,9 @@ class CompiledDecode:
             mark_unbacked(tensor, 0)
         mark_unbacked(batch.block_tables, 0)
         mark_unbacked(batch.block_tables, 1)
+        if self.warmed:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self._step(ids, positions, keep, batch)
         with torch._dynamo.config.patch(specialize_float=True):  # read only while tracing (the first call, recompiles)
             return self._step(ids, positions, keep, batch)
 

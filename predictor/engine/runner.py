@@ -198,6 +198,7 @@ class PagedRunner(ModelRunner):
         self.compiled = CompiledDecode(self.model)
         failure = compile_decode(self._warm_up)
         if failure is None:
+            self.compiled.warmed = True
             return "compiled (torch.compile, inductor)"
         self.compiled = None
         logger.warning("the decode step stays eager: compiling it failed with %s", failure)
