@@ -6,7 +6,9 @@ values, and with the step's ``StepBatch`` passed through the forward's keyword a
 sees one flat row of tokens: every sequence's new tokens side by side, (1, N), each with its own position.
 
 - prefill: each sequence's new tokens attend causally to themselves (and, when it already has cached
-  positions, to those first);
+  positions, to those first): on a CPU with AVX512-BF16, in bfloat16, by a flash-attention operator that reads every
+  position from the block pools (``paged_ops.prefill_attention``, all of a step's sequences in one call), elsewhere
+  by SDPA per sequence, over its keys gathered from the pools when it has cached positions;
 - decode: one token per sequence, (B,) rows, each attending to its sequence's cached positions: on CPU by a
   C++ operator that reads them where they are in the block pools (``paged_ops.py``, built once per machine),
   elsewhere (or without a compiler) by gathering them into a buffer for SDPA;
@@ -53,6 +55,11 @@ class StepBatch:
     probe: dict[int, LayerSpec] | None = None  # set for the start-up probe: record each layer's shapes
     context_lens: torch.Tensor | None = None  # (B,) last_positions + 1, for the native decode operator
     native_decode: bool = False  # decode attention by paged_ops (the runner checked it is built and takes this dtype)
+    # Prefill attention by paged_ops (the runner checked the build, dtype and head sizes): every prefilling sequence's
+    # query_starts and start_positions as tensors, and prefill_tables for all of them (the padding's: block 0).
+    native_prefill: bool = False
+    prefill_query_starts: torch.Tensor | None = None  # (P + 1,)
+    prefill_start_positions: torch.Tensor | None = None  # (P,)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -128,6 +135,30 @@ def paged_attention(
     batch.cache.write(layer, batch.slots, k_new, v_new)
     if batch.decode:
         return _decode_attention(query, batch, layer, window, scaling, softcap), None
+    if batch.native_prefill and softcap is None:
+        P = batch.query_starts[-1]
+        prefilled = paged_ops.prefill_attention(
+            query[0, :, :P].transpose(0, 1),
+            batch.cache.k[layer],
+            batch.cache.v[layer],
+            batch.prefill_query_starts,
+            batch.prefill_start_positions,
+            batch.prefill_tables,
+            scaling,
+            window,
+        ).unsqueeze(0)  # (1, P, H, D)
+    else:
+        prefilled = _prefill_attention(query, key, value, batch, layer, window, scaling, softcap)
+    if batch.decode_from is None:
+        return prefilled, None
+    decoded = _decode_attention(query[:, :, batch.decode_from :], batch, layer, window, scaling, softcap)  # (1, B, H, D)
+    return torch.cat([prefilled, decoded], dim=1), None  # (1, N, H, D)
+
+
+def _prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: StepBatch, layer: int, window: int | None, scaling: float | None, softcap: float | None
+) -> torch.Tensor:
+    """The prefilling sequences' queries (1, H, N, D) by SDPA, one sequence at a time → (1, P, H, D)."""
     outs = []
     for i, start in enumerate(batch.start_positions):
         a, b = batch.query_starts[i], batch.query_starts[i + 1]
@@ -139,11 +170,7 @@ def paged_attention(
             k, v = batch.cache.gather(layer, batch.prefill_tables[i : i + 1, :nb])
             k, v = k[:, :, : start + b - a], v[:, :, : start + b - a]
         outs.append(_attend(q, k, v, _causal_mask(b - a, start, window, query.device), scaling, softcap))
-    prefilled = torch.cat(outs, dim=2).transpose(1, 2)  # (1, P, H, D)
-    if batch.decode_from is None:
-        return prefilled, None
-    decoded = _decode_attention(query[:, :, batch.decode_from :], batch, layer, window, scaling, softcap)  # (1, B, H, D)
-    return torch.cat([prefilled, decoded], dim=1), None  # (1, N, H, D)
+    return torch.cat(outs, dim=2).transpose(1, 2)  # (1, P, H, D)
 
 
 def _decode_attention(

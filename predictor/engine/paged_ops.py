@@ -2,11 +2,13 @@
 
 ``decode_attention`` is decode attention read straight from the block pools (``paged_decode.cpp``,
 ``torch.ops.kserve_llm.paged_decode_attention``): no gather of each sequence's keys and values into a
-scratch buffer, no (B, 1, 1, L) mask, only each sequence's own positions read.
+scratch buffer, no (B, 1, 1, L) mask, only each sequence's own positions read. ``prefill_attention`` is the same
+for prefilling sequences, their new tokens attending causally to their earlier positions and to each other
+(``paged_prefill.cpp``, a flash-attention kernel on AVX512-BF16, bfloat16 only: ``prefill_supported``).
 
 The library is compiled by ``torch.utils.cpp_extension`` (g++ and ninja) the first time ``available()`` or
 ``load()`` is called on a machine, into ``cache_root()/ops/<name>-<digest>``, the digest covering the
-source, torch's and Python's versions, the compiler flags and the CPU's feature flags (``-march=native``: a
+sources, torch's and Python's versions, the compiler flags and the CPU's feature flags (``-march=native``: a
 different CPU builds its own). The compilation runs in a child process, into a temporary directory renamed
 into place under a file lock (``build_once``): two processes starting together build once, a killed build
 leaves nothing behind. Without a compiler or ninja, or when the build fails, ``load()`` logs why and returns
@@ -34,7 +36,7 @@ from ..cpu import cpu_info
 logger = logging.getLogger(__name__)
 
 NAME = "kserve_llm_paged_ops"
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_decode.cpp", "paged_prefill.cpp"))
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP inlined from torch's headers
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the dynamic loader reuses the copy torch already loaded
 DTYPES = (torch.float32, torch.bfloat16)
@@ -47,8 +49,8 @@ _tried = False
 _BUILD_SCRIPT = """
 import sys
 from torch.utils.cpp_extension import load
-name, source, build_dir = sys.argv[1:4]
-load(name=name, sources=[source], extra_cflags=sys.argv[4].split(), extra_ldflags=sys.argv[5].split(),
+name, build_dir, cflags, ldflags, *sources = sys.argv[1:]
+load(name=name, sources=sources, extra_cflags=cflags.split(), extra_ldflags=ldflags.split(),
      build_directory=build_dir, is_python_module=False, verbose=True)
 """
 
@@ -56,7 +58,7 @@ load(name=name, sources=[source], extra_cflags=sys.argv[4].split(), extra_ldflag
 def build_dir() -> Path:
     """Where this source, torch, Python and CPU's build lives."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.git_version).encode(), sys.version.encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch.version.git_version).encode(), sys.version.encode()):
         digest.update(part + b"\0")
     for part in (platform.machine(), " ".join(CFLAGS), " ".join(LDFLAGS), " ".join(sorted(cpu_info().flags))):
         digest.update(part.encode() + b"\0")
@@ -83,11 +85,12 @@ def _toolchain() -> tuple[dict[str, str] | None, str]:
 
 
 def _build(tmp: Path, env: dict[str, str]) -> None:
-    source = tmp / SOURCE.name
-    shutil.copyfile(SOURCE, source)  # the build directory keeps the exact source it was built from
+    sources = [tmp / source.name for source in SOURCES]
+    for source, copy in zip(SOURCES, sources):
+        shutil.copyfile(source, copy)  # the build directory keeps the exact sources it was built from
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", _BUILD_SCRIPT, NAME, str(source), str(tmp), " ".join(CFLAGS), " ".join(LDFLAGS)],
+        [sys.executable, "-c", _BUILD_SCRIPT, NAME, str(tmp), " ".join(CFLAGS), " ".join(LDFLAGS), *map(str, sources)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -134,6 +137,10 @@ def _register_fake() -> None:
     def _(query, key_pool, value_pool, block_tables, context_lens, scale, window, softcap):
         return query.new_empty(query.shape)
 
+    @torch.library.register_fake("kserve_llm::paged_prefill_attention")
+    def _(query, key_pool, value_pool, query_starts, start_positions, block_tables, scale, window):
+        return query.new_empty(query.shape)
+
 
 def available() -> bool:
     """Whether the native operators can be used in this process (the first call may build them: minutes)."""
@@ -160,3 +167,28 @@ def decode_attention(
     scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     window, softcap = int(window or 0), float(softcap or 0.0)
     return torch.ops.kserve_llm.paged_decode_attention(query, key_pool, value_pool, block_tables, context_lens, scale, window, softcap)
+
+
+def prefill_supported(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``prefill_attention`` takes this dtype and head size here: bfloat16, head_dim 64 or 128, a build for a
+    CPU with AVX512-BF16 (elsewhere prefill attention stays with SDPA)."""
+    return dtype == torch.bfloat16 and head_dim in (64, 128) and available() and bool(torch.ops.kserve_llm.paged_prefill_isa())
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    query_starts: torch.Tensor,
+    start_positions: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = 0,
+) -> torch.Tensor:
+    """query (N, H, D), sequence i's rows ``query_starts[i]:query_starts[i + 1]`` at positions ``start_positions[i]``, …;
+    pools (num_blocks, block_size, KVH, D) already holding those positions' keys and values; block_tables (P, nb)
+    → (N, H, D): each query attends to its sequence's positions up to its own (the last ``window`` of them if set)."""
+    if not available():
+        raise RuntimeError("the native paged-attention operators are not available here (see the log for why)")
+    scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    return torch.ops.kserve_llm.paged_prefill_attention(query, key_pool, value_pool, query_starts, start_positions, block_tables, scale, int(window or 0))

@@ -171,6 +171,8 @@ class PagedRunner(ModelRunner):
         packed = pack_model(model, max_num_seqs, self.dtype) if can_pack(device, self.dtype) else (0, 0, 0)
         # Decode attention from the block pools by the C++ operator (built here, at start-up, if this machine has none).
         self.native_decode = device.type == "cpu" and self.dtype in paged_ops.DTYPES and paged_ops.available()
+        # Prefill attention from the block pools too, where the operator takes this dtype and every layer's head size.
+        self.native_prefill = self.native_decode and all(paged_ops.prefill_supported(self.dtype, spec.head_dim) for spec in self.layers)
         self.compiled: CompiledDecode | None = None
         if compile is None and device.type != "cpu":
             step = "eager (the compiled step runs on CPU only so far)"
@@ -183,7 +185,8 @@ class PagedRunner(ModelRunner):
             f"PagedRunner ({type(model).__name__} through AttentionInterface; {len(self.layers)} attention layers, "
             f"KV cache {self.num_blocks - 1} blocks × {BLOCK_SIZE} positions = {kv_cache.format_bytes(self.cache.nbytes)}; "
             f"oneDNN-packed projections: {packed[0]}, fused activations: {packed[1]}, shared products (q/k/v, gate/up): {packed[2]}; "
-            f"decode attention: {'native, from the block pools' if self.native_decode else 'gathered blocks + SDPA'}; decode step: {step}"
+            f"decode attention: {'native, from the block pools' if self.native_decode else 'gathered blocks + SDPA'}; "
+            f"prefill attention: {'native (AVX512-BF16), from the block pools' if self.native_prefill else 'SDPA per sequence'}; decode step: {step}"
             + (f"; {lora.describe()})" if lora is not None else ")")
         )
 
@@ -253,18 +256,29 @@ class PagedRunner(ModelRunner):
             slots.append(c.blocks[c.start // bs] * bs + c.start % bs)
         keep += range(decode_from, decode_from + len(decode))
         last = torch.tensor([c.start for c in decode], device=self.device) if decode else None
+        query_starts = starts + ([starts[-1] + pad] if pad else [])
+        start_positions = [c.start for c in prefill] + ([0] if pad else [])
+        native_prefill = self.native_prefill and bool(prefill)
+        tables = None
+        if native_prefill or any(c.start > 0 for c in prefill):
+            tables = self._tables(prefill)
+            if pad:  # the padding's row: the null block
+                tables = torch.cat([tables, tables.new_zeros(1, tables.shape[1])])
         batch = StepBatch(
             self.cache,
             not prefill,
             torch.tensor(slots, device=self.device),
-            starts + ([starts[-1] + pad] if pad else []),
-            [c.start for c in prefill] + ([0] if pad else []),
+            query_starts,
+            start_positions,
             block_tables=self._tables(decode) if decode else None,
             last_positions=last,
-            prefill_tables=self._tables(prefill) if any(c.start > 0 for c in prefill) else None,
+            prefill_tables=tables,
             decode_from=decode_from if prefill and decode else None,
             context_lens=None if last is None else last + 1,
             native_decode=self.native_decode,
+            native_prefill=native_prefill,
+            prefill_query_starts=torch.tensor(query_starts) if native_prefill else None,
+            prefill_start_positions=torch.tensor(start_positions) if native_prefill else None,
         )
         if self.lora is not None:  # each token's row adapter, read by every LoRALinear of this forward
             rows = [c.lora_slot for c in prefill for _ in c.tokens] + [0] * pad + [c.lora_slot for c in decode]
