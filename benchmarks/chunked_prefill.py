@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=["predictor", "vllm", "both"], default="both")
     parser.add_argument("--model", choices=["llama", "smollm2"], default="llama", help="llama: random weights, SmolLM2-135M's shape; smollm2: the real one.")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: what the predictor's --dtype auto picks on this CPU.")
-    parser.add_argument("--max_prefill_tokens", type=int, nargs="+", default=[512, 2048], help="Per-step prompt-token budgets, a run each (512: the default).")
+    parser.add_argument(
+        "--max_prefill_tokens", type=int, nargs="+", default=[256, 512, 2048], help="Per-step prompt-token budgets, a run each (256: the CPU default)."
+    )
     parser.add_argument("--vllm-args", default="", help="More vLLM arguments, e.g. '--max-num-batched-tokens 256'.")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)

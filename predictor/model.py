@@ -95,6 +95,9 @@ class LLMModel(kserve.Model):
         engine.start()
         logger.info("model runner: %s", engine.runner.path)
         logger.info("prefix caching: %s", "on" if engine.scheduler.prefix_caching else "off")
+        given = self.engine_config.max_prefill_tokens is not None
+        source = "--max_prefill_tokens" if given else f"the {loaded.device.type} default"
+        logger.info("prefill budget: %d prompt tokens a step (%s)", engine.scheduler.max_prefill_tokens, source)
         if self.generation is None:
             self.generation = Generation(loaded, engine, self.name)
         else:  # loaded again after an unload: the routes hold this Generation

@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--max_prefill_tokens",
         type=_positive,
-        default=512,
+        default=None,
         help="Prompt tokens prefilled in one engine step: a longer prompt is prefilled in chunks over several steps, "
-        "interleaved with the running decodes (the row-by-row runner takes one prompt whole).",
+        "interleaved with the running decodes (the row-by-row runner takes one prompt whole). Default: 256 on CPU, 2048 on CUDA.",
     )
     engine.add_argument(
         "--compile",

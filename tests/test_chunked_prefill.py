@@ -34,6 +34,7 @@ def test_chunked_prefill_gives_the_unchunked_greedy_output_and_prompt_logprobs(l
     expected_logprobs = [float(scores[i - 1, prompts[3][i]]) for i in range(1, len(prompts[3]))]
     server = start_server(llama_dir, tmp_path, "--max_num_seqs", "4", "--max_prefill_tokens", str(BUDGET), "--no_enable_prefix_caching", name="m")
     try:
+        assert f"prefill budget: {BUDGET} prompt tokens a step (--max_prefill_tokens)" in server.read_log()
         assert complete(server.url, prompts, together=False) == expected
         assert complete(server.url, prompts, together=True) == expected  # 6 prompts, 4 rows: chunks beside decodes
         body = {"model": "m", "prompt": prompts[3], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
@@ -88,3 +89,12 @@ def test_running_streams_get_tokens_while_a_long_prompt_prefills(llama_dir):
     assert kinds == ["step"] * 8  # one forward each: the chunk and the running stream's decode token together (vLLM V1's mixed batch)
     assert all((a, "decode") in rows for rows in steps)
     assert len(late_tokens) == 2
+
+
+def test_the_step_budget_defaults_by_device():
+    """Without --max_prefill_tokens: 256 on CPU (measured: benchmarks/chunked_prefill.py), 2048 on CUDA; a given one wins."""
+    from predictor.engine.engine import prefill_budget
+
+    assert prefill_budget(None, torch.device("cpu")) == 256
+    assert prefill_budget(None, torch.device("cuda")) == 2048
+    assert prefill_budget(64, torch.device("cpu")) == 64

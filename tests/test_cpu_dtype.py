@@ -78,6 +78,7 @@ def test_dtype_auto_serves_in_the_cpus_dtype(tiny_model_dir, tmp_path):
         log = server.read_log()
         assert f"dtype {expected}: --dtype auto on a CPU with" in log
         assert cpu.cpu_info().model in log
+        assert "prefill budget: 256 prompt tokens a step (the cpu default)" in log
         assert "oneDNN-packed projections: 0," not in log
         info = next(line for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines() if line.startswith("vllm:cache_config_info{"))
         assert f'cache_dtype="{expected}"' in info
