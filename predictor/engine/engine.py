@@ -78,8 +78,8 @@ class _EngineBroken(Exception):
 
 # Chunked prefill's step budget where --max_prefill_tokens is not given, by device. CPU: 256, measured on the AMD EPYC (2
 # cores, SmolLM2's shape, bfloat16, benchmarks/chunked_prefill.py: 16 streams while a 2,000-token prompt arrives every
-# 2 s): the streams' ITL p99 1.5x their p50 against 13x with 512 (each 512-token chunk stalls them ~0.5 s), the long
-# prompt 2.9 s against 2.4 s, and 32-token prompts at C=16 served as fast as with 512. CUDA: 2048, vLLM V1's default
+# 2 s): the streams' ITL p99 1.5-1.6x their p50 against 13-18x with 512 (each 512-token chunk stalls them ~0.5 s), the
+# long prompt 2.8-2.9 s against 2.4-2.7 s (two runs), and 32-token prompts at C=16 served as fast as with 512. CUDA: 2048, vLLM V1's default
 # for online serving (prefill is far cheaper there; not measured by this project).
 DEFAULT_PREFILL_TOKENS = {"cpu": 256, "cuda": 2048}
 
