@@ -165,3 +165,33 @@ def test_the_runner_prefills_as_the_sdpa_path_does(kind, tmp_path, tiny_model_di
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[0]
     assert agree >= 0.95 * total, (agree, total)
+
+
+@pytest.mark.slow  # a second build of the operators, ~1 min: `make test-slow` (CI) runs it
+def test_a_build_without_avx512_has_decode_and_refuses_prefill(tmp_path):
+    """Built for an AVX2-only CPU (-march=x86-64-v3), as on a node without AVX512-BF16: both sources compile, decode
+    attention works, and the prefill operator says it has no kernel (so the runner keeps SDPA there)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from torch.utils.cpp_extension import load
+load(name="kserve_llm_avx2", sources={[str(s) for s in paged_ops.SOURCES]!r}, extra_cflags=["-O2", "-march=x86-64-v3", "-fopenmp"],
+     extra_ldflags=["-fopenmp"], build_directory={str(tmp_path)!r}, is_python_module=False)
+torch.ops.load_library({str(tmp_path / "kserve_llm_avx2.so")!r})
+assert torch.ops.kserve_llm.paged_prefill_isa() == ""
+q, k = torch.randn(2, 4, 64, dtype=torch.bfloat16), torch.randn(4, 16, 2, 64, dtype=torch.bfloat16)
+out = torch.ops.kserve_llm.paged_decode_attention(q, k, k, torch.tensor([[1, 2], [3, 0]]), torch.tensor([20, 5]), 0.125, 0, 0.0)
+assert out.shape == q.shape and torch.isfinite(out.float()).all()
+try:
+    torch.ops.kserve_llm.paged_prefill_attention(q, k, k, torch.tensor([0, 2]), torch.tensor([0]), torch.tensor([[1]]), 0.125, 0)
+except RuntimeError as e:
+    assert "no AVX512-BF16 kernel" in str(e)
+else:
+    raise AssertionError("the prefill operator ran without its kernel")
+print("ok")
+"""
+    env, _ = paged_ops._toolchain()
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
