@@ -15,13 +15,17 @@ from predictor.engine.kv_cache import LayerSpec, PagedKVCache
 BS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
+def require_built() -> None:
     """Built once per machine (about half a minute); skipped only where there is no toolchain: with one, a failed build fails."""
     env, missing = paged_ops._toolchain()
     if env is None:
         pytest.skip(f"native operators cannot be built here: {missing}")
     assert paged_ops.available(), "the build failed: see the log"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    require_built()
 
 
 def make_case(H: int, KVH: int, D: int, dtype: torch.dtype, lens: list[int], seed: int = 0):

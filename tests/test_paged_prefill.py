@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_paged_ops import require_built
 
 from predictor.engine import paged_ops
 
@@ -13,10 +14,7 @@ BS = 16
 
 @pytest.fixture(scope="module", autouse=True)
 def supported() -> None:
-    env, missing = paged_ops._toolchain()
-    if env is None:
-        pytest.skip(f"native operators cannot be built here: {missing}")
-    assert paged_ops.available(), "the build failed: see the log"
+    require_built()
     if not paged_ops.prefill_supported(torch.bfloat16, 64):
         pytest.skip("this CPU's build has no AVX512-BF16 prefill kernel (prefill attention stays with SDPA)")
 

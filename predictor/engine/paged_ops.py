@@ -149,6 +149,11 @@ def available() -> bool:
     return load() is not None
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the native paged-attention operators are not available here (see the log for why)")
+
+
 def decode_attention(
     query: torch.Tensor,
     key_pool: torch.Tensor,
@@ -162,8 +167,7 @@ def decode_attention(
     """query (B, H, D); pools (num_blocks, block_size, KVH, D); block_tables (B, nb) int64; context_lens (B,) int64
     (last position + 1) → (B, H, D) in the query's dtype. ``scale``: None for head_dim ** -0.5; ``window``: attend
     only to the last ``window`` positions (0 or None: all); ``softcap``: Gemma 2's logit soft-capping (0 or None: none)."""
-    if not available():
-        raise RuntimeError("the native paged-attention operators are not available here (see the log for why)")
+    _require()
     scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     window, softcap = int(window or 0), float(softcap or 0.0)
     return torch.ops.kserve_llm.paged_decode_attention(query, key_pool, value_pool, block_tables, context_lens, scale, window, softcap)
@@ -188,7 +192,6 @@ def prefill_attention(
     """query (N, H, D), sequence i's rows ``query_starts[i]:query_starts[i + 1]`` at positions ``start_positions[i]``, …;
     pools (num_blocks, block_size, KVH, D) already holding those positions' keys and values; block_tables (P, nb)
     → (N, H, D): each query attends to its sequence's positions up to its own (the last ``window`` of them if set)."""
-    if not available():
-        raise RuntimeError("the native paged-attention operators are not available here (see the log for why)")
+    _require()
     scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     return torch.ops.kserve_llm.paged_prefill_attention(query, key_pool, value_pool, query_starts, start_positions, block_tables, scale, int(window or 0))
